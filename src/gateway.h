@@ -1,0 +1,50 @@
+/*
+ * gateway: the state of one running dsgate process, shared by the modules
+ * that serve requests (server.c admits, request.c proxies).
+ *
+ * The struct conf is immutable; a reload replaces the pointer.  Run-time
+ * state that must outlive a reload (per-upstream counters) lives in
+ * struct gw_upstream, matched to the configuration by name.
+ */
+#ifndef DSGATE_GATEWAY_H
+#define DSGATE_GATEWAY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "conf.h"
+
+struct event_base;
+struct http_server;
+struct http_req;
+struct upstream_ctx;
+
+struct gw_upstream {
+    const struct conf_upstream *conf;
+    char *auth_header;          /* "Authorization: Bearer <key>" or NULL; secret */
+    int inflight;
+};
+
+struct gateway {
+    struct event_base *base;
+    struct conf *conf;
+    struct upstream_ctx *up;
+    struct http_server *srv;
+    struct gw_upstream *ups;
+    size_t nups;
+    size_t live_requests;
+    bool draining;
+};
+
+/* Build the per-upstream state for GW->conf (keys read from the environment). */
+int gateway_setup_upstreams(struct gateway *gw);
+void gateway_free_upstreams(struct gateway *gw);
+
+/* The front door: every request from http.c lands here. */
+void server_handle(struct http_req *req, void *arg);
+
+/* Proxy an admitted request (request.c).  Takes over REQ. */
+void request_start(struct gateway *gw, struct http_req *req, enum prio prio);
+
+#endif
