@@ -14,6 +14,8 @@
 #include <stdint.h>
 
 #include "conf.h"
+#include "retry.h"
+#include "sched.h"
 
 struct event_base;
 struct http_server;
@@ -23,7 +25,13 @@ struct upstream_ctx;
 struct gw_upstream {
     const struct conf_upstream *conf;
     char *auth_header;          /* "Authorization: Bearer <key>" or NULL; secret */
-    int inflight;
+    struct sched_limit limit;   /* in flight and the adaptive limit */
+};
+
+struct gw_client {
+    char *token;                /* secret */
+    size_t token_len;
+    enum prio priority;
 };
 
 struct gateway {
@@ -33,6 +41,11 @@ struct gateway {
     struct http_server *srv;
     struct gw_upstream *ups;
     size_t nups;
+    struct gw_client *clients;  /* those whose token variable is set */
+    size_t nclients;
+    bool require_client;        /* clients: configured */
+    struct sched_queue queue;   /* requests waiting for an upstream slot */
+    struct retry_budget budget;
     size_t live_requests;
     bool draining;
 };
@@ -46,5 +59,11 @@ void server_handle(struct http_req *req, void *arg);
 
 /* Proxy an admitted request (request.c).  Takes over REQ. */
 void request_start(struct gateway *gw, struct http_req *req, enum prio prio);
+
+/* Start queued requests while upstream slots are free. */
+void request_pump(struct gateway *gw);
+
+/* Publish the queue and limiter gauges. */
+void request_update_gauges(struct gateway *gw);
 
 #endif

@@ -1109,16 +1109,24 @@ http_reply(struct http_req *r, int status, const struct http_header *headers, si
 }
 
 void
-http_reply_error(struct http_req *r, int status, const char *type, const char *code,
-                 const char *message)
+http_reply_error_h(struct http_req *r, int status, const char *type, const char *code,
+                   const char *message, const struct http_header *headers, size_t nheaders)
 {
     struct evbuffer *b = evbuffer_new();
-    char retry[16];
-    struct http_header h[2] = { { "Content-Type", "application/json" }, { "Retry-After", retry } };
-    size_t nh = 1;
+    struct http_header h[16];
+    size_t nh = 0;
+    bool have_retry = false;
 
+    h[nh++] = (struct http_header){ "Content-Type", "application/json" };
+    for (size_t i = 0; i < nheaders && nh < 15; i++) {
+        have_retry |= strcasecmp(headers[i].name, "Retry-After") == 0;
+        h[nh++] = headers[i];
+    }
+    if ((status == 429 || status == 503) && !have_retry) {
+        h[nh++] = (struct http_header){ "Retry-After", "1" };
+    }
     if (!b) {
-        http_reply(r, status, h, 1, "", 0);
+        http_reply(r, status, h, nh, "", 0);
         return;
     }
     evbuffer_add_printf(b, "{\"error\":{\"message\":\"");
@@ -1128,13 +1136,16 @@ http_reply_error(struct http_req *r, int status, const char *type, const char *c
     evbuffer_add_printf(b, "\",\"code\":\"");
     log_json_escape(b, code);
     evbuffer_add_printf(b, "\"}}\n");
-    if (status == 429 || status == 503) {
-        snprintf(retry, sizeof(retry), "1");
-        nh = 2;
-    }
     size_t len = evbuffer_get_length(b);
     http_reply(r, status, h, nh, evbuffer_pullup(b, -1), len);
     evbuffer_free(b);
+}
+
+void
+http_reply_error(struct http_req *r, int status, const char *type, const char *code,
+                 const char *message)
+{
+    http_reply_error_h(r, status, type, code, message, NULL, 0);
 }
 
 bool

@@ -93,9 +93,15 @@ void http_reply_end(struct http_req *r, bool abort);
 /* A whole reply in one call. */
 void http_reply(struct http_req *r, int status, const struct http_header *headers,
                 size_t nheaders, const void *body, size_t len);
-/* OpenAI-shaped error: {"error":{"message":M,"type":T,"code":C}}. */
+/*
+ * OpenAI-shaped error: {"error":{"message":M,"type":T,"code":C}}, with
+ * Retry-After: 1 on 429 and 503 unless HEADERS carry their own.
+ */
 void http_reply_error(struct http_req *r, int status, const char *type,
                       const char *code, const char *message);
+void http_reply_error_h(struct http_req *r, int status, const char *type, const char *code,
+                        const char *message, const struct http_header *headers,
+                        size_t nheaders);
 bool http_reply_started(const struct http_req *r);
 /* Bytes queued for the client and not yet written to the socket. */
 size_t http_reply_pending(const struct http_req *r);

@@ -22,6 +22,7 @@
 #include "gateway.h"
 #include "http.h"
 #include "log.h"
+#include "metrics.h"
 #include "upstream.h"
 
 #ifndef DSGATE_VERSION
@@ -188,6 +189,7 @@ main(int argc, char **argv)
         return 1;
     }
 
+    metrics_init();
     gw.conf = c;
     gw.base = event_base_new();
     if (!gw.base) {
@@ -228,6 +230,7 @@ main(int argc, char **argv)
     event_free(drain_timer);
     event_base_free(gw.base);
     conf_free(gw.conf);
+    metrics_free();
     curl_global_cleanup();
     log_close();
     return 0;

@@ -1,19 +1,27 @@
 /*
  * request: the life of one proxied request.
  *
- *   server_handle ──> request_start ──> attempt ──> upstream transfer
- *                                                     │
- *            on_head: status known ──> reply head to client
- *            on_data: body bytes ──> client (pause upstream when the client
- *                                    falls behind; resume on drain)
- *            on_done: end reply (SSE error event if the upstream broke)
- *                                                     │
- *   client leaves at any point ──> cancel transfer ──> request_finish
- *   first-data / idle timer ──> 504, or SSE error event ──> request_finish
+ *   request_start ──> admission (queue full: 429, or displace a lower class)
+ *        │
+ *        v
+ *     QUEUED ──(slot free: request_pump)──> UPSTREAM ──> on_head ──> on_data ──> on_done
+ *        ^  max_wait: 504                      │            │ retryable status, attempts,
+ *        │                                     │            │ budget and deadline allow:
+ *        │                                     │            │ discard the body
+ *        └──────── BACKOFF (jittered, Retry-After) <────────┘ connect error / timeout too
  *
- * Timers: FIRST_DATA runs from the start of the attempt until the first
- * data byte (SSE comments and blank keep-alive lines do not count); IDLE
- * runs between data pieces after that.
+ *   client leaves at any point ──> leave queue / cancel timer / cancel
+ *                                  transfer ──> request_finish
+ *
+ * The reply head goes to the client when the first non-retried response
+ * head arrives.  After that a retry is still transparent as long as no data
+ * byte has reached the client (SSE comments and blank keep-alive lines are
+ * not data); a later failure ends an SSE reply with an error event and any
+ * other reply with a closed connection, never a hang.
+ *
+ * Timers (one per request, by phase): QUEUE (max_wait), BACKOFF,
+ * FIRST_DATA (from the start of an attempt to its first data byte) and
+ * IDLE (between data pieces).
  *
  * Ownership: struct request owns its body, forwarded headers, transfer and
  * timer.  http.c's request pointer is dropped when the reply ends or the
@@ -32,21 +40,28 @@
 #include "gateway.h"
 #include "http.h"
 #include "log.h"
+#include "metrics.h"
+#include "retry.h"
+#include "sched.h"
 #include "sse.h"
 #include "upstream.h"
 
 #define STREAM_HIGH_WATER (256 * 1024)  /* pause the upstream above this */
 #define MAX_FWD_HEADERS   128
 
-enum req_timer { TIMER_NONE, TIMER_FIRST_DATA, TIMER_IDLE };
+enum req_timer { TIMER_NONE, TIMER_QUEUE, TIMER_BACKOFF, TIMER_FIRST_DATA, TIMER_IDLE };
+
+enum req_phase { PH_NEW, PH_QUEUED, PH_BACKOFF, PH_UPSTREAM, PH_DONE };
 
 struct request {
+    struct sched_item item;     /* first: the queue links requests through it */
     struct gateway *gw;
     struct http_req *hreq;
     uint64_t id;
     char method[16];
     char *path;                 /* copy, for the access log */
-    char *url;
+    char *target;               /* path and query */
+    char *url;                  /* upstream base + target */
     enum prio prio;
     char *body;
     size_t body_len;
@@ -57,11 +72,20 @@ struct request {
     struct event *timer;
     enum req_timer timer_kind;
     struct sse_scan scan;
+    enum req_phase phase;
     int status;
     bool sse;
     bool paused;
     bool finished;
+    bool slot_held;
+    bool discarding;            /* this attempt's answer will be retried */
+    bool data_sent;             /* a data byte reached the client */
+    int late_status;            /* non-200 head after the reply started */
     int attempts;
+    int64_t next_delay_ms;      /* backoff chosen for the coming retry */
+    int64_t prev_delay_ms;
+    const char *retry_reason;
+    int64_t queue_us;           /* time spent queued, all attempts */
     int64_t t_start_us;
     int64_t t_up_start_us;
     int64_t t_first_data_us;
@@ -120,13 +144,17 @@ is_own_request_header(const char *name)
  * Host and dsgate's own; Authorization replaced when a key is configured.
  */
 static int
-build_forward_headers(struct request *r, const struct http_req *hr)
+build_forward_headers(struct request *r)
 {
+    const struct http_req *hr = r->hreq;
     const char *conn = http_req_header(hr, "Connection");
     size_t n = 0;
     bool have_ct = false, have_accept = false;
     size_t offs[MAX_FWD_HEADERS + 8];
 
+    if (r->hstore) {
+        evbuffer_free(r->hstore);
+    }
     r->hstore = evbuffer_new();
     if (!r->hstore) {
         return -1;
@@ -175,19 +203,68 @@ build_forward_headers(struct request *r, const struct http_req *hr)
     return 0;
 }
 
-/* ---- timers --------------------------------------------------------------- */
+/* ---- timers, slots, queue ------------------------------------------------ */
 
 static void
 timer_arm(struct request *r, enum req_timer kind, int64_t ms)
 {
     r->timer_kind = kind;
-    if (ms <= 0) {
+    if (kind == TIMER_NONE || ms <= 0) {
         evtimer_del(r->timer);
         r->timer_kind = TIMER_NONE;
+        if (kind != TIMER_NONE && ms <= 0 && (kind == TIMER_BACKOFF || kind == TIMER_QUEUE)) {
+            /* due now: run it from the loop */
+            r->timer_kind = kind;
+            event_active(r->timer, EV_TIMEOUT, 0);
+        }
         return;
     }
     struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
     evtimer_add(r->timer, &tv);
+}
+
+static void
+slot_release(struct request *r)
+{
+    if (r->slot_held) {
+        r->slot_held = false;
+        sched_limit_release(&r->up->limit);
+    }
+}
+
+static struct request *
+item_request(struct sched_item *it)
+{
+    return (struct request *)((char *)it - offsetof(struct request, item));
+}
+
+/* The upstream to use now, or NULL when every candidate is at its limit. */
+static struct gw_upstream *
+pick_upstream(struct gateway *gw, struct request *r)
+{
+    (void)r;
+    for (size_t i = 0; i < gw->nups; i++) {
+        if (sched_limit_available(&gw->ups[i].limit)) {
+            return &gw->ups[i];
+        }
+    }
+    return NULL;
+}
+
+void
+request_update_gauges(struct gateway *gw)
+{
+    static const char *const pn[] = { "high", "medium", "low" };
+
+    for (int p = 0; p < PRIO_COUNT; p++) {
+        metrics_setf("dsgate_queue_depth", (double)gw->queue.depth[p], "priority=\"%s\"", pn[p]);
+    }
+    for (size_t i = 0; i < gw->nups; i++) {
+        const struct gw_upstream *u = &gw->ups[i];
+        metrics_setf("dsgate_inflight", u->limit.inflight, "upstream=\"%s\"", u->conf->name);
+        metrics_setf("dsgate_concurrency_limit", sched_limit_current(&u->limit),
+                     "upstream=\"%s\"", u->conf->name);
+    }
 }
 
 static void
@@ -206,7 +283,27 @@ send_sse_error(struct request *r, const char *code, const char *message)
     http_reply_data(r->hreq, buf, (size_t)n);
 }
 
-/* The upstream failed: tell the client in the best way still open to us. */
+static void
+reply_error(struct request *r, int status, const char *type, const char *code,
+            const char *message)
+{
+    char attempts[16], queue_ms[24];
+    struct http_header h[3];
+    size_t nh = 0;
+
+    snprintf(attempts, sizeof(attempts), "%d", r->attempts);
+    snprintf(queue_ms, sizeof(queue_ms), "%lld", (long long)(r->queue_us / 1000));
+    h[nh++] = (struct http_header){ "X-Dsgate-Attempts", attempts };
+    h[nh++] = (struct http_header){ "X-Dsgate-Queue-Ms", queue_ms };
+    if (r->attempts > 0) {
+        h[nh++] = (struct http_header){ "X-Dsgate-Upstream", r->up->conf->name };
+    }
+    r->status = status;
+    http_reply_error_h(r->hreq, status, type, code, message, h, nh);
+    r->hreq = NULL;
+}
+
+/* The request failed: tell the client in the best way still open to us. */
 static void
 fail(struct request *r, int status, const char *code, const char *message, const char *end)
 {
@@ -215,9 +312,8 @@ fail(struct request *r, int status, const char *code, const char *message, const
         return;
     }
     if (!http_reply_started(r->hreq)) {
-        r->status = status;
-        http_reply_error(r->hreq, status, "upstream_error", code, message);
-        r->hreq = NULL;
+        reply_error(r, status, status == 429 ? "rate_limit_error" : "upstream_error", code,
+                    message);
     } else if (r->sse) {
         send_sse_error(r, code, message);
         http_reply_end(r->hreq, false);
@@ -228,27 +324,155 @@ fail(struct request *r, int status, const char *code, const char *message, const
     }
 }
 
+static void attempt(struct request *r, struct gw_upstream *up);
+
+/* Wait for a slot: at once if one is free and nobody waits, else queue. */
+static void
+enqueue(struct request *r)
+{
+    struct gateway *gw = r->gw;
+    int64_t now = http_now_us();
+
+    if (gw->queue.total == 0) {
+        struct gw_upstream *up = pick_upstream(gw, r);
+        if (up) {
+            attempt(r, up);
+            return;
+        }
+    }
+    sched_queue_push(&gw->queue, &r->item, r->prio, now);
+    r->phase = PH_QUEUED;
+    int64_t left_ms = gw->conf->queue.max_wait_ms - r->queue_us / 1000;
+    timer_arm(r, TIMER_QUEUE, left_ms > 0 ? left_ms : 0);
+    request_update_gauges(gw);
+}
+
+static void
+dequeued(struct request *r, int64_t now)
+{
+    sched_queue_remove(&r->gw->queue, &r->item);
+    int64_t waited = now - r->item.t_enq_us;
+    r->queue_us += waited;
+    metrics_observe("dsgate_queue_wait_seconds", NULL, (double)waited / 1e6);
+    timer_arm(r, TIMER_NONE, 0);
+}
+
+void
+request_pump(struct gateway *gw)
+{
+    int64_t now = http_now_us();
+    struct sched_item *it;
+
+    while ((it = sched_queue_peek(&gw->queue, now, gw->conf->queue.aging_ms * 1000))) {
+        struct request *r = item_request(it);
+        struct gw_upstream *up = pick_upstream(gw, r);
+        if (!up) {
+            break;
+        }
+        dequeued(r, now);
+        attempt(r, up);
+    }
+    request_update_gauges(gw);
+}
+
+/*
+ * May this request be tried again?  Decides the backoff too: the sleep
+ * (or RETRY_AFTER_MS when the upstream asked for longer, capped by
+ * retry.cap) must end before the request's deadline.  Takes from the retry
+ * budget when the answer is yes.
+ */
+static bool
+can_retry(struct request *r, int64_t retry_after_ms)
+{
+    const struct conf *c = r->gw->conf;
+    int64_t now = http_now_us();
+
+    if (r->data_sent || !r->hreq || r->attempts >= c->retry.max_attempts || r->gw->draining) {
+        return false;
+    }
+    int64_t delay = retry_backoff_ms(c->retry.jitter, c->retry.base_ms, c->retry.cap_ms,
+                                     r->attempts - 1, r->prev_delay_ms, retry_random);
+    if (retry_after_ms > delay) {
+        delay = retry_after_ms < c->retry.cap_ms ? retry_after_ms : c->retry.cap_ms;
+    }
+    int64_t deadline = r->t_start_us + c->queue.max_wait_ms * 1000;
+    if (now + delay * 1000 >= deadline) {
+        return false;
+    }
+    if (!retry_budget_take(&r->gw->budget, now / 1000000, c->retry.budget)) {
+        metrics_add("dsgate_retry_budget_exhausted_total", NULL, 1);
+        return false;
+    }
+    r->next_delay_ms = delay;
+    return true;
+}
+
+static void
+schedule_retry(struct request *r, const char *reason)
+{
+    metrics_addf("dsgate_retries_total", 1, "upstream=\"%s\",reason=\"%s\"", r->up->conf->name,
+                 reason);
+    log_msg(LOG_DEBUG, "req=%llu up=%s: retry %d in %lld ms (%s)", (unsigned long long)r->id,
+            r->up->conf->name, r->attempts, (long long)r->next_delay_ms, reason);
+    r->prev_delay_ms = r->next_delay_ms;
+    r->phase = PH_BACKOFF;
+    r->discarding = false;
+    r->status = 0;
+    timer_arm(r, TIMER_BACKOFF, r->next_delay_ms);
+}
+
+static void
+count_attempt(struct request *r, const char *outcome)
+{
+    metrics_addf("dsgate_upstream_attempts_total", 1, "upstream=\"%s\",outcome=\"%s\"",
+                 r->up->conf->name, outcome);
+}
+
 static void
 timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct request *r = arg;
+    enum req_timer kind = r->timer_kind;
 
     (void)fd;
     (void)what;
-    enum req_timer kind = r->timer_kind;
     r->timer_kind = TIMER_NONE;
+    switch (kind) {
+    case TIMER_NONE:
+        return;
+    case TIMER_QUEUE:
+        dequeued(r, http_now_us());
+        fail(r, 504, "queue_timeout", "request waited longer than queue.max_wait",
+             "queue_timeout");
+        request_finish(r);
+        return;
+    case TIMER_BACKOFF:
+        enqueue(r);
+        return;
+    case TIMER_FIRST_DATA:
+    case TIMER_IDLE:
+        break;
+    }
+    /* an upstream deadline */
     if (r->xfer) {
         upstream_cancel(r->xfer);
         r->xfer = NULL;
     }
-    if (kind == TIMER_FIRST_DATA) {
+    slot_release(r);
+    sched_limit_feedback(&r->up->limit, true, http_now_us());
+    count_attempt(r, "timeout");
+    if (kind == TIMER_FIRST_DATA && r->gw->conf->retry.on_timeout && can_retry(r, 0)) {
+        schedule_retry(r, "timeout");
+    } else if (kind == TIMER_FIRST_DATA) {
         fail(r, 504, "upstream_timeout", "upstream sent no data within timeouts.first_data",
              "upstream_timeout");
+        request_finish(r);
     } else {
         fail(r, 504, "upstream_idle_timeout", "upstream stream idle beyond timeouts.idle",
              "upstream_idle");
+        request_finish(r);
     }
-    request_finish(r);
+    request_pump(r->gw);
 }
 
 /* ---- upstream callbacks ------------------------------------------------- */
@@ -260,17 +484,37 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
     struct http_header out[MAX_FWD_HEADERS + 4];
     size_t no = 0;
     int64_t clen = -1;
-    const char *conn = NULL;
-    char attempts[16], queue_ms[16];
+    const char *conn = NULL, *retry_after = NULL;
+    char attempts[16], queue_ms[24];
 
     if (!r->hreq) {
         return UP_ABORT;
     }
-    r->status = status;
+    bool overload = status == 429 || status == 503 || status == 504;
+    sched_limit_feedback(&r->up->limit, overload, http_now_us());
     for (size_t i = 0; i < n; i++) {
         if (strcasecmp(hdrs[i].name, "Connection") == 0) {
             conn = hdrs[i].value;
+        } else if (strcasecmp(hdrs[i].name, "Retry-After") == 0) {
+            retry_after = hdrs[i].value;
         }
+    }
+    r->status = status;
+    if (retry_on_status(r->gw->conf, status)) {
+        int64_t ra = retry_after_ms(retry_after, time(NULL));
+        if (can_retry(r, ra)) {
+            r->discarding = true;   /* read and drop the body; keeps the connection */
+            r->retry_reason = status == 429 ? "429" : status == 503 ? "503" : "5xx";
+            return UP_CONTINUE;
+        }
+    }
+    if (http_reply_started(r->hreq)) {
+        /* an earlier attempt already started the reply with keep-alives */
+        if (status != 200) {
+            r->late_status = status;
+            return UP_ABORT;
+        }
+        return UP_CONTINUE;
     }
     for (size_t i = 0; i < n && no < MAX_FWD_HEADERS; i++) {
         const char *name = hdrs[i].name;
@@ -293,7 +537,7 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         out[no++] = hdrs[i];
     }
     snprintf(attempts, sizeof(attempts), "%d", r->attempts);
-    snprintf(queue_ms, sizeof(queue_ms), "%d", 0);
+    snprintf(queue_ms, sizeof(queue_ms), "%lld", (long long)(r->queue_us / 1000));
     out[no++] = (struct http_header){ "X-Dsgate-Attempts", attempts };
     out[no++] = (struct http_header){ "X-Dsgate-Queue-Ms", queue_ms };
     out[no++] = (struct http_header){ "X-Dsgate-Upstream", r->up->conf->name };
@@ -310,6 +554,9 @@ on_data(void *arg, const char *data, size_t len)
 {
     struct request *r = arg;
 
+    if (r->discarding) {
+        return UP_CONTINUE;
+    }
     if (!r->hreq) {
         return UP_ABORT;
     }
@@ -317,12 +564,12 @@ on_data(void *arg, const char *data, size_t len)
         r->paused = true;
         return UP_PAUSE;
     }
-    const struct conf_upstream *uc = r->up->conf;
     if (sse_scan_feed(&r->scan, data, len)) {
         if (r->t_first_data_us == 0) {
             r->t_first_data_us = http_now_us();
         }
-        timer_arm(r, TIMER_IDLE, uc->idle_ms);
+        r->data_sent = true;
+        timer_arm(r, TIMER_IDLE, r->up->conf->idle_ms);
     }
     http_reply_data(r->hreq, data, len);
     r->bytes_out += len;
@@ -333,39 +580,85 @@ static void
 on_done(void *arg, enum up_result res, const char *detail)
 {
     struct request *r = arg;
+    const struct conf *c = r->gw->conf;
+    const char *name = r->up->conf->name;
 
     r->xfer = NULL;
     timer_arm(r, TIMER_NONE, 0);
+    slot_release(r);
+    if (res == UP_OK && r->discarding) {
+        count_attempt(r, r->retry_reason);
+        schedule_retry(r, r->retry_reason);
+        request_pump(r->gw);
+        return;
+    }
+    bool before_data = !r->data_sent && r->hreq;
     switch (res) {
     case UP_OK:
+        count_attempt(r, r->status < 400 ? "ok" : r->status < 500 ? "4xx" : "5xx");
         r->end = "completed";
         if (r->hreq) {
-            http_reply_end(r->hreq, false);
-            r->hreq = NULL;
+            if (!http_reply_started(r->hreq)) {
+                /* curl saw a complete answer whose head we never passed on */
+                fail(r, 502, "upstream_reset", "upstream answer had no head", "upstream_reset");
+            } else {
+                http_reply_end(r->hreq, false);
+                r->hreq = NULL;
+            }
         }
         break;
     case UP_CONNECT:
-        log_msg(LOG_WARN, "req=%llu up=%s: cannot reach upstream: %s",
-                (unsigned long long)r->id, r->up->conf->name, detail);
+        count_attempt(r, "connect_error");
+        log_msg(LOG_WARN, "req=%llu up=%s: cannot reach upstream: %s", (unsigned long long)r->id,
+                name, detail);
+        if (c->retry.on_connect && can_retry(r, 0)) {
+            schedule_retry(r, "connect");
+            request_pump(r->gw);
+            return;
+        }
         fail(r, 502, "upstream_unreachable", "upstream unreachable", "upstream_unreachable");
         break;
     case UP_TIMEOUT:
+        count_attempt(r, "timeout");
+        sched_limit_feedback(&r->up->limit, true, http_now_us());
         log_msg(LOG_WARN, "req=%llu up=%s: upstream timed out: %s", (unsigned long long)r->id,
-                r->up->conf->name, detail);
+                name, detail);
+        if (before_data && c->retry.on_timeout && can_retry(r, 0)) {
+            schedule_retry(r, "timeout");
+            request_pump(r->gw);
+            return;
+        }
         fail(r, 504, "upstream_timeout", "upstream timed out", "upstream_timeout");
         break;
     case UP_BROKEN:
-        log_msg(LOG_WARN, "req=%llu up=%s: upstream broke: %s", (unsigned long long)r->id,
-                r->up->conf->name, detail);
+        count_attempt(r, "broken");
+        log_msg(LOG_WARN, "req=%llu up=%s: upstream broke: %s", (unsigned long long)r->id, name,
+                detail);
+        if ((r->discarding || (before_data && !http_reply_started(r->hreq))) &&
+            c->retry.on_connect && can_retry(r, 0)) {
+            schedule_retry(r, "broken");
+            request_pump(r->gw);
+            return;
+        }
         fail(r, 502, "upstream_reset", "upstream connection broke", "upstream_reset");
         break;
     case UP_ABORTED:
-        if (!r->end) {
-            r->end = "client_closed";
+        if (r->late_status) {
+            count_attempt(r, r->late_status < 500 ? "4xx" : "5xx");
+            char msg[96];
+            snprintf(msg, sizeof(msg), "upstream answered %d after the stream had started",
+                     r->late_status);
+            fail(r, 502, "upstream_error", msg, "upstream_error");
+        } else {
+            count_attempt(r, "client_closed");
+            if (!r->end) {
+                r->end = "client_closed";
+            }
         }
         break;
     }
     request_finish(r);
+    request_pump(r->gw);
 }
 
 static const struct up_callbacks up_cb = { on_head, on_data, on_done };
@@ -376,16 +669,33 @@ static void
 on_client_close(void *arg)
 {
     struct request *r = arg;
+    bool freed_slot = r->slot_held;
 
     r->hreq = NULL;
     if (!r->end) {
-        r->end = r->status ? "client_closed_streaming" : "client_closed_waiting";
+        switch (r->phase) {
+        case PH_QUEUED:
+            r->end = "client_closed_queued";
+            break;
+        case PH_BACKOFF:
+            r->end = "client_closed_backoff";
+            break;
+        default:
+            r->end = r->data_sent ? "client_closed_streaming" : "client_closed_waiting";
+        }
+    }
+    if (r->phase == PH_QUEUED) {
+        dequeued(r, http_now_us());
     }
     if (r->xfer) {
         upstream_cancel(r->xfer);
         r->xfer = NULL;
+        count_attempt(r, "client_closed");
     }
     request_finish(r);
+    if (freed_slot) {
+        request_pump(r->gw);
+    }
 }
 
 static void
@@ -416,10 +726,12 @@ access_log(struct request *r)
     log_json_escape(b, r->path);
     evbuffer_add_printf(b,
                         "\",\"status\":%d,\"priority\":\"%s\",\"cache\":\"none\","
-                        "\"upstream\":\"%s\",\"attempts\":%d,\"queue_ms\":0,"
+                        "\"upstream\":\"%s\",\"attempts\":%d,\"queue_ms\":%lld,"
                         "\"upstream_ms\":%lld,\"first_data_ms\":%lld,\"total_ms\":%lld,"
                         "\"bytes_in\":%zu,\"bytes_out\":%llu,\"end\":\"%s\"}",
-                        r->status, conf_priority_name(r->prio), r->up->conf->name, r->attempts,
+                        r->status, conf_priority_name(r->prio),
+                        r->attempts ? r->up->conf->name : "", r->attempts,
+                        (long long)(r->queue_us / 1000),
                         (long long)(r->t_up_start_us ? (now - r->t_up_start_us) / 1000 : 0),
                         (long long)(r->t_first_data_us ? (r->t_first_data_us - r->t_start_us) / 1000
                                                        : -1),
@@ -437,6 +749,10 @@ request_finish(struct request *r)
         return;
     }
     r->finished = true;
+    r->phase = PH_DONE;
+    if (r->item.queued) {
+        sched_queue_remove(&r->gw->queue, &r->item);
+    }
     if (r->xfer) {
         upstream_cancel(r->xfer);
         r->xfer = NULL;
@@ -446,10 +762,14 @@ request_finish(struct request *r)
         http_reply_end(r->hreq, true);
         r->hreq = NULL;
     }
-    if (r->up && r->up->inflight > 0) {
-        r->up->inflight--;
-    }
+    slot_release(r);
     access_log(r);
+    char labels[96];
+    snprintf(labels, sizeof(labels), "code=\"%d\",priority=\"%s\",cache=\"none\"",
+             r->status ? r->status : 499, conf_priority_name(r->prio));
+    metrics_add("dsgate_requests_total", labels, 1);
+    metrics_observe("dsgate_request_duration_seconds", NULL,
+                    (double)(http_now_us() - r->t_start_us) / 1e6);
     r->gw->live_requests--;
     if (r->timer) {
         event_free(r->timer);
@@ -459,14 +779,36 @@ request_finish(struct request *r)
     }
     free(r->body);
     free(r->path);
+    free(r->target);
     free(r->url);
     free(r);
 }
 
-static int
-attempt(struct request *r)
+static void
+attempt(struct request *r, struct gw_upstream *up)
 {
-    const struct conf_upstream *uc = r->up->conf;
+    const struct conf_upstream *uc;
+    int64_t now = http_now_us();
+
+    if (r->up != up || !r->url) {
+        /* the URL and the forwarded headers depend on the upstream */
+        free(r->url);
+        size_t ul = strlen(up->conf->url) + strlen(r->target) + 1;
+        r->url = malloc(ul);
+        if (!r->url) {
+            fail(r, 500, "out_of_memory", "out of memory", "internal_error");
+            request_finish(r);
+            return;
+        }
+        snprintf(r->url, ul, "%s%s", up->conf->url, r->target);
+        r->up = up;
+        if (build_forward_headers(r) < 0) {
+            fail(r, 500, "out_of_memory", "out of memory", "internal_error");
+            request_finish(r);
+            return;
+        }
+    }
+    uc = up->conf;
     struct up_request rq = {
         .method = r->method,
         .url = r->url,
@@ -479,15 +821,21 @@ attempt(struct request *r)
         .insecure = uc->insecure,
     };
 
+    if (r->attempts == 0) {
+        retry_budget_first(&r->gw->budget, now / 1000000);
+    }
     r->attempts++;
-    r->t_up_start_us = http_now_us();
+    r->phase = PH_UPSTREAM;
+    r->t_up_start_us = now;
     r->xfer = upstream_start(r->gw->up, &rq, &up_cb, r);
     if (!r->xfer) {
-        return -1;
+        fail(r, 502, "upstream_unreachable", "cannot start upstream transfer", "internal_error");
+        request_finish(r);
+        return;
     }
-    r->up->inflight++;
+    sched_limit_acquire(&up->limit);
+    r->slot_held = true;
     timer_arm(r, TIMER_FIRST_DATA, uc->first_data_ms);
-    return 0;
 }
 
 void
@@ -506,25 +854,33 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio)
     r->t_start_us = hreq->t_start_us;
     snprintf(r->method, sizeof(r->method), "%s", hreq->method);
     r->path = strdup(hreq->path);
-    r->up = &gw->ups[0];
-    gw->live_requests++;
-
-    const char *base = r->up->conf->url;
-    size_t ul = strlen(base) + strlen(hreq->target) + 1;
-    r->url = malloc(ul);
+    r->target = strdup(hreq->target);
     r->timer = evtimer_new(gw->base, timer_cb, r);
-    if (!r->path || !r->url || !r->timer || build_forward_headers(r, hreq) < 0) {
-        r->end = "internal_error";
-        http_reply_error(hreq, 500, "internal_error", "out_of_memory", "out of memory");
-        r->hreq = NULL;
+    gw->live_requests++;
+    if (!r->path || !r->target || !r->timer ) {
+        fail(r, 500, "out_of_memory", "out of memory", "internal_error");
         request_finish(r);
         return;
     }
-    snprintf(r->url, ul, "%s%s", base, hreq->target);
     r->body = http_req_take_body(hreq, &r->body_len);
     http_req_set_callbacks(hreq, on_client_close, on_client_drain, r);
-    if (attempt(r) < 0) {
-        fail(r, 502, "upstream_unreachable", "cannot start upstream transfer", "internal_error");
-        request_finish(r);
+
+    /* admission: a full queue refuses, or sheds its newest lower-class request */
+    if (gw->queue.total >= (size_t)gw->conf->queue.max_queued &&
+        !(gw->queue.total == 0 && pick_upstream(gw, r))) {
+        struct sched_item *victim = sched_queue_victim(&gw->queue, prio);
+        if (!victim) {
+            metrics_addf("dsgate_queue_rejected_total", 1, "reason=\"full\"");
+            fail(r, 429, "queue_full", "too many requests waiting; retry later", "queue_full");
+            request_finish(r);
+            return;
+        }
+        struct request *v = item_request(victim);
+        dequeued(v, http_now_us());
+        metrics_addf("dsgate_queue_rejected_total", 1, "reason=\"displaced\"");
+        fail(v, 429, "queue_full", "displaced by a higher-priority request; retry later",
+             "queue_displaced");
+        request_finish(v);
     }
+    enqueue(r);
 }

@@ -15,6 +15,7 @@
 #include "gateway.h"
 #include "http.h"
 #include "log.h"
+#include "metrics.h"
 
 static const struct http_header json_ct[] = { { "Content-Type", "application/json" } };
 
@@ -45,12 +46,65 @@ reply_readyz(struct gateway *gw, struct http_req *req)
         evbuffer_add_printf(b, "%s{\"name\":\"", i ? "," : "");
         log_json_escape(b, u->conf->name);
         evbuffer_add_printf(b, "\",\"state\":\"closed\",\"reason\":\"\",\"inflight\":%d,\"limit\":%d}",
-                            u->inflight, u->conf->max_inflight);
+                            u->limit.inflight, sched_limit_current(&u->limit));
     }
     evbuffer_add_printf(b, "]}\n");
     size_t len = evbuffer_get_length(b);
     http_reply(req, ready ? 200 : 503, json_ct, 1, evbuffer_pullup(b, -1), len);
     evbuffer_free(b);
+}
+
+static void
+reply_metrics(struct gateway *gw, struct http_req *req)
+{
+    static const struct http_header ct[] = {
+        { "Content-Type", "text/plain; version=0.0.4; charset=utf-8" } };
+    struct evbuffer *b = evbuffer_new();
+
+    if (!b) {
+        http_reply_error(req, 500, "internal_error", "out_of_memory", "out of memory");
+        return;
+    }
+    request_update_gauges(gw);
+    metrics_render(b);
+    size_t len = evbuffer_get_length(b);
+    http_reply(req, 200, ct, 1, evbuffer_pullup(b, -1), len);
+    evbuffer_free(b);
+}
+
+/* Constant-time comparison, so that a token cannot be guessed by timing. */
+static bool
+token_equal(const char *a, size_t alen, const char *b, size_t blen)
+{
+    unsigned char diff = alen != blen;
+
+    for (size_t i = 0; i < alen && i < blen; i++) {
+        diff |= (unsigned char)(a[i] ^ b[i]);
+    }
+    return diff == 0;
+}
+
+/*
+ * With clients configured, the request must carry one of their tokens
+ * (Authorization: Bearer TOKEN).  Returns the client, or NULL.
+ */
+static const struct gw_client *
+client_find(const struct gateway *gw, const struct http_req *req)
+{
+    const char *auth = http_req_header(req, "Authorization");
+
+    if (!auth || strncasecmp(auth, "Bearer ", 7) != 0) {
+        return NULL;
+    }
+    const char *tok = auth + 7;
+    size_t tl = strlen(tok);
+    const struct gw_client *found = NULL;
+    for (size_t i = 0; i < gw->nclients; i++) {
+        if (token_equal(tok, tl, gw->clients[i].token, gw->clients[i].token_len)) {
+            found = &gw->clients[i];
+        }
+    }
+    return found;
 }
 
 void
@@ -70,16 +124,39 @@ server_handle(struct http_req *req, void *arg)
             reply_readyz(gw, req);
             return;
         }
+        if (strcmp(req->path, "/metrics") == 0) {
+            reply_metrics(gw, req);
+            return;
+        }
     }
     if (gw->draining) {
         http_reply_error(req, 503, "server_busy", "shutting_down", "dsgate is shutting down");
         return;
     }
+    /*
+     * Priority: X-Priority, else the client's class, else the default.  A
+     * client's class is also its ceiling: a header cannot raise it.
+     */
+    enum prio ceiling = PRIO_HIGH;
+    if (gw->require_client) {
+        const struct gw_client *cl = client_find(gw, req);
+        if (!cl) {
+            http_reply_error(req, 401, "authentication_error", "invalid_client_token",
+                             "missing or unknown client token");
+            return;
+        }
+        prio = ceiling = cl->priority;
+    }
     const char *pv = http_req_header(req, "X-Priority");
-    if (pv && conf_parse_priority(pv, &prio) < 0) {
-        http_reply_error(req, 400, "invalid_request_error", "invalid_priority",
-                         "X-Priority must be high, medium or low");
-        return;
+    if (pv) {
+        if (conf_parse_priority(pv, &prio) < 0) {
+            http_reply_error(req, 400, "invalid_request_error", "invalid_priority",
+                             "X-Priority must be high, medium or low");
+            return;
+        }
+        if (prio < ceiling) {
+            prio = ceiling;
+        }
     }
     if (strcmp(req->method, "POST") == 0 && path_is(c, req->path)) {
         json_error_t jerr;
@@ -109,6 +186,7 @@ gateway_setup_upstreams(struct gateway *gw)
     for (size_t i = 0; i < c->nupstreams; i++) {
         const struct conf_upstream *uc = &c->upstreams[i];
         ups[i].conf = uc;
+        sched_limit_init(&ups[i].limit, uc->max_inflight, uc->adaptive);
         const char *key = uc->api_key_env[0] ? getenv(uc->api_key_env) : NULL;
         if (key && *key) {
             size_t n = strlen(key) + 32;
@@ -122,6 +200,33 @@ gateway_setup_upstreams(struct gateway *gw)
     }
     gw->ups = ups;
     gw->nups = c->nupstreams;
+
+    gw->clients = calloc(c->nclients ? c->nclients : 1, sizeof(*gw->clients));
+    if (!gw->clients) {
+        return -1;
+    }
+    for (size_t i = 0; i < c->nclients; i++) {
+        const char *tok = getenv(c->clients[i].token_env);
+        if (!tok || !*tok) {
+            log_msg(LOG_WARN, "clients[%zu]: variable %s is not set; that client cannot log in",
+                    i, c->clients[i].token_env);
+            tok = NULL;
+        }
+        gw->clients[gw->nclients].token = tok ? strdup(tok) : NULL;
+        if (tok && !gw->clients[gw->nclients].token) {
+            return -1;
+        }
+        if (!tok) {
+            continue;
+        }
+        gw->clients[gw->nclients].token_len = strlen(tok);
+        gw->clients[gw->nclients].priority = c->clients[i].priority;
+        gw->nclients++;
+    }
+    gw->require_client = c->nclients > 0;
+    if (gw->require_client && gw->nclients == 0) {
+        log_msg(LOG_WARN, "no client token is set: every proxied request will get 401");
+    }
     return 0;
 }
 
@@ -129,9 +234,19 @@ void
 gateway_free_upstreams(struct gateway *gw)
 {
     for (size_t i = 0; i < gw->nups; i++) {
-        free(gw->ups[i].auth_header);
+        if (gw->ups[i].auth_header) {
+            explicit_bzero(gw->ups[i].auth_header, strlen(gw->ups[i].auth_header));
+            free(gw->ups[i].auth_header);
+        }
     }
     free(gw->ups);
     gw->ups = NULL;
     gw->nups = 0;
+    for (size_t i = 0; i < gw->nclients; i++) {
+        explicit_bzero(gw->clients[i].token, gw->clients[i].token_len);
+        free(gw->clients[i].token);
+    }
+    free(gw->clients);
+    gw->clients = NULL;
+    gw->nclients = 0;
 }

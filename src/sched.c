@@ -1,0 +1,168 @@
+/*
+ * sched: the class queue with aging and the adaptive concurrency limit
+ * (see sched.h).  Both are plain data structures with no I/O, so the unit
+ * tests drive them with a fake clock.
+ */
+#include "sched.h"
+
+#include <stddef.h>
+
+void
+sched_queue_push(struct sched_queue *q, struct sched_item *it, enum prio p, int64_t now_us)
+{
+    it->prio = p;
+    it->t_enq_us = now_us;
+    it->next = NULL;
+    it->prev = q->tail[p];
+    if (q->tail[p]) {
+        q->tail[p]->next = it;
+    } else {
+        q->head[p] = it;
+    }
+    q->tail[p] = it;
+    q->depth[p]++;
+    q->total++;
+    it->queued = true;
+}
+
+void
+sched_queue_remove(struct sched_queue *q, struct sched_item *it)
+{
+    enum prio p = it->prio;
+
+    if (!it->queued) {
+        return;
+    }
+    if (it->prev) {
+        it->prev->next = it->next;
+    } else {
+        q->head[p] = it->next;
+    }
+    if (it->next) {
+        it->next->prev = it->prev;
+    } else {
+        q->tail[p] = it->prev;
+    }
+    it->prev = it->next = NULL;
+    it->queued = false;
+    q->depth[p]--;
+    q->total--;
+}
+
+enum prio
+sched_effective(const struct sched_item *it, int64_t now_us, int64_t aging_us)
+{
+    int cls = (int)it->prio;
+
+    if (aging_us > 0 && now_us > it->t_enq_us) {
+        int64_t steps = (now_us - it->t_enq_us) / aging_us;
+        cls = steps >= cls ? 0 : cls - (int)steps;
+    }
+    return (enum prio)cls;
+}
+
+/*
+ * The head of each class is its oldest item and so the most promoted one;
+ * the best of the three heads is the best overall.  Ties go to the item
+ * that has waited longest.
+ */
+struct sched_item *
+sched_queue_peek(const struct sched_queue *q, int64_t now_us, int64_t aging_us)
+{
+    struct sched_item *best = NULL;
+    enum prio best_cls = PRIO_COUNT;
+
+    for (int p = 0; p < PRIO_COUNT; p++) {
+        struct sched_item *h = q->head[p];
+        if (!h) {
+            continue;
+        }
+        enum prio cls = sched_effective(h, now_us, aging_us);
+        if (!best || cls < best_cls || (cls == best_cls && h->t_enq_us < best->t_enq_us)) {
+            best = h;
+            best_cls = cls;
+        }
+    }
+    return best;
+}
+
+struct sched_item *
+sched_queue_victim(const struct sched_queue *q, enum prio p)
+{
+    for (int c = PRIO_COUNT - 1; c > (int)p; c--) {
+        if (q->tail[c]) {
+            return q->tail[c];
+        }
+    }
+    return NULL;
+}
+
+void
+sched_limit_init(struct sched_limit *l, int max_inflight, bool adaptive)
+{
+    l->max_inflight = max_inflight;
+    l->adaptive = adaptive;
+    l->limit = max_inflight;
+    l->inflight = 0;
+    l->last_decrease_us = 0;
+}
+
+void
+sched_limit_configure(struct sched_limit *l, int max_inflight, bool adaptive)
+{
+    l->max_inflight = max_inflight;
+    l->adaptive = adaptive;
+    if (!adaptive || l->limit > max_inflight) {
+        l->limit = max_inflight;
+    }
+}
+
+bool
+sched_limit_available(const struct sched_limit *l)
+{
+    return l->inflight < sched_limit_current(l);
+}
+
+void
+sched_limit_acquire(struct sched_limit *l)
+{
+    l->inflight++;
+}
+
+void
+sched_limit_release(struct sched_limit *l)
+{
+    if (l->inflight > 0) {
+        l->inflight--;
+    }
+}
+
+void
+sched_limit_feedback(struct sched_limit *l, bool overload, int64_t now_us)
+{
+    if (!l->adaptive) {
+        return;
+    }
+    if (overload) {
+        if (now_us - l->last_decrease_us >= SCHED_DECREASE_GAP_MS * 1000) {
+            l->limit *= SCHED_DECREASE_FACTOR;
+            if (l->limit < 1) {
+                l->limit = 1;
+            }
+            l->last_decrease_us = now_us;
+        }
+        return;
+    }
+    l->limit += 1.0 / l->limit;
+    if (l->limit > l->max_inflight) {
+        l->limit = l->max_inflight;
+    }
+}
+
+int
+sched_limit_current(const struct sched_limit *l)
+{
+    int n = (int)l->limit;
+
+    return n < 1 ? 1 : n;
+}

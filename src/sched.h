@@ -1,0 +1,69 @@
+/*
+ * sched: who goes upstream next.
+ *
+ * A queue of waiting requests by class (high, medium, low), FIFO within a
+ * class, with aging: a request moves up one class for every `aging` period
+ * it has waited, so low never starves.  The queue knows nothing of
+ * requests; it links struct sched_item that the caller embeds.
+ *
+ * And a concurrency limiter per upstream: at most `limit` transfers in
+ * flight.  With adaptive limits, an overload signal (503, 429, timeout)
+ * cuts the limit multiplicatively (at most once per SCHED_DECREASE_GAP_MS,
+ * never below 1) and each success raises it by 1/limit (about +1 per
+ * round of successes), up to max_inflight: additive increase,
+ * multiplicative decrease.
+ */
+#ifndef DSGATE_SCHED_H
+#define DSGATE_SCHED_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "conf.h"
+
+#define SCHED_DECREASE_FACTOR 0.7
+#define SCHED_DECREASE_GAP_MS 200
+
+struct sched_item {
+    struct sched_item *prev, *next;
+    enum prio prio;             /* class at enqueue */
+    int64_t t_enq_us;
+    bool queued;
+};
+
+struct sched_queue {
+    struct sched_item *head[PRIO_COUNT];
+    struct sched_item *tail[PRIO_COUNT];
+    size_t depth[PRIO_COUNT];
+    size_t total;
+};
+
+void sched_queue_push(struct sched_queue *q, struct sched_item *it, enum prio p, int64_t now_us);
+void sched_queue_remove(struct sched_queue *q, struct sched_item *it);
+/* The item to serve next (not removed), with aging; NULL when empty. */
+struct sched_item *sched_queue_peek(const struct sched_queue *q, int64_t now_us, int64_t aging_us);
+/* The class an item counts as now, after aging. */
+enum prio sched_effective(const struct sched_item *it, int64_t now_us, int64_t aging_us);
+/* The newest item of a class strictly lower than P (for displacement); NULL if none. */
+struct sched_item *sched_queue_victim(const struct sched_queue *q, enum prio p);
+
+struct sched_limit {
+    int max_inflight;
+    bool adaptive;
+    double limit;
+    int inflight;
+    int64_t last_decrease_us;
+};
+
+void sched_limit_init(struct sched_limit *l, int max_inflight, bool adaptive);
+/* Apply a new configuration (reload); keeps in-flight counts. */
+void sched_limit_configure(struct sched_limit *l, int max_inflight, bool adaptive);
+bool sched_limit_available(const struct sched_limit *l);
+void sched_limit_acquire(struct sched_limit *l);
+void sched_limit_release(struct sched_limit *l);
+/* OVERLOAD: the upstream answered 503/429 or timed out; else a success. */
+void sched_limit_feedback(struct sched_limit *l, bool overload, int64_t now_us);
+int sched_limit_current(const struct sched_limit *l);
+
+#endif
