@@ -17,8 +17,11 @@
 #include "retry.h"
 #include "sched.h"
 
+struct cache_mem;
 struct event_base;
+struct flight;
 struct http_server;
+struct store;
 struct http_req;
 struct upstream_ctx;
 
@@ -45,6 +48,11 @@ struct gateway {
     size_t nclients;
     bool require_client;        /* clients: configured */
     struct sched_queue queue;   /* requests waiting for an upstream slot */
+    struct cache_mem *mem;      /* memory tier of the cache */
+    struct store *store;        /* Redis tier, or NULL */
+    char *cache_group;          /* upstream names, part of every cache key */
+    struct flight **flights;    /* cacheable requests in flight, by key */
+    size_t nflight_buckets;
     struct retry_budget budget;
     size_t live_requests;
     bool draining;
@@ -57,8 +65,15 @@ void gateway_free_upstreams(struct gateway *gw);
 /* The front door: every request from http.c lands here. */
 void server_handle(struct http_req *req, void *arg);
 
-/* Proxy an admitted request (request.c).  Takes over REQ. */
-void request_start(struct gateway *gw, struct http_req *req, enum prio prio);
+/*
+ * Proxy an admitted request (request.c).  Takes over REQ.  DOC is the
+ * parsed body of a request on a cache path (borrowed), else NULL.
+ */
+void request_start(struct gateway *gw, struct http_req *req, enum prio prio, const void *doc);
+
+/* Set up and tear down the cache tiers and the in-flight table. */
+int request_cache_setup(struct gateway *gw);
+void request_cache_free(struct gateway *gw);
 
 /* Start queued requests while upstream slots are free. */
 void request_pump(struct gateway *gw);

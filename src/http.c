@@ -1070,6 +1070,54 @@ http_reply_data(struct http_req *r, const void *data, size_t len)
     }
 }
 
+struct ref_release {
+    void (*fn)(void *);
+    void *arg;
+};
+
+static void
+ref_cleanup(const void *data, size_t len, void *extra)
+{
+    struct ref_release *rr = extra;
+
+    (void)data;
+    (void)len;
+    rr->fn(rr->arg);
+    free(rr);
+}
+
+void
+http_reply_data_ref(struct http_req *r, const void *data, size_t len, void (*release)(void *arg),
+                    void *arg)
+{
+    struct http_conn *c = req_conn(r);
+    struct ref_release *rr;
+
+    if (!c->reply_started || c->reply_ended || c->reply_no_body || len == 0 ||
+        !(rr = malloc(sizeof(*rr)))) {
+        release(arg);
+        return;
+    }
+    rr->fn = release;
+    rr->arg = arg;
+    if (c->reply_chunked) {
+        char hex[20];
+        int n = snprintf(hex, sizeof(hex), "%zx\r\n", len);
+        evbuffer_add(c->out, hex, (size_t)n);
+    }
+    if (evbuffer_add_reference(c->out, data, len, ref_cleanup, rr) < 0) {
+        free(rr);
+        release(arg);
+        return;
+    }
+    if (c->reply_chunked) {
+        evbuffer_add(c->out, "\r\n", 2);
+    }
+    if (conn_flush(c, false) == 0 && evbuffer_get_length(c->out) >= DRAIN_LOW_WATER) {
+        c->drain_armed = true;
+    }
+}
+
 void
 http_reply_end(struct http_req *r, bool abort)
 {

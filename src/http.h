@@ -90,6 +90,12 @@ void http_reply_start(struct http_req *r, int status, const struct http_header *
 void http_reply_data(struct http_req *r, const void *data, size_t len);
 /* End the reply.  ABORT: the body is incomplete; close without a final chunk. */
 void http_reply_end(struct http_req *r, bool abort);
+/*
+ * Body bytes that stay owned by the caller until RELEASE(ARG) runs
+ * (zero-copy; for cached entries).
+ */
+void http_reply_data_ref(struct http_req *r, const void *data, size_t len,
+                         void (*release)(void *arg), void *arg);
 /* A whole reply in one call. */
 void http_reply(struct http_req *r, int status, const struct http_header *headers,
                 size_t nheaders, const void *body, size_t len);

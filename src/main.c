@@ -197,7 +197,7 @@ main(int argc, char **argv)
         return 1;
     }
     gw.up = upstream_ctx_new(gw.base);
-    if (!gw.up || gateway_setup_upstreams(&gw) < 0) {
+    if (!gw.up || gateway_setup_upstreams(&gw) < 0 || request_cache_setup(&gw) < 0) {
         log_msg(LOG_ERROR, "cannot set up upstreams");
         return 1;
     }
@@ -222,6 +222,7 @@ main(int argc, char **argv)
     event_base_dispatch(gw.base);
 
     http_server_free(gw.srv);
+    request_cache_free(&gw);
     upstream_ctx_free(gw.up);
     gateway_free_upstreams(&gw);
     event_free(ev_term);

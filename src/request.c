@@ -37,6 +37,7 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 
+#include "cache.h"
 #include "gateway.h"
 #include "http.h"
 #include "log.h"
@@ -44,14 +45,46 @@
 #include "retry.h"
 #include "sched.h"
 #include "sse.h"
+#include "store.h"
 #include "upstream.h"
 
 #define STREAM_HIGH_WATER (256 * 1024)  /* pause the upstream above this */
 #define MAX_FWD_HEADERS   128
+#define CAPTURE_MAX       (16 * 1024 * 1024)   /* largest response shared or cached */
+#define FOLLOW_CHUNK      (64 * 1024)
+#define FLIGHT_BUCKETS    4096
 
-enum req_timer { TIMER_NONE, TIMER_QUEUE, TIMER_BACKOFF, TIMER_FIRST_DATA, TIMER_IDLE };
+enum req_timer {
+    TIMER_NONE, TIMER_QUEUE, TIMER_BACKOFF, TIMER_FIRST_DATA, TIMER_IDLE, TIMER_DISPATCH
+};
 
-enum req_phase { PH_NEW, PH_QUEUED, PH_BACKOFF, PH_UPSTREAM, PH_DONE };
+enum req_phase {
+    PH_NEW, PH_LOOKUP, PH_FOLLOWING, PH_QUEUED, PH_BACKOFF, PH_UPSTREAM, PH_DONE
+};
+
+enum flight_state { FL_RUNNING, FL_OK, FL_FAILED };
+
+/*
+ * A cacheable request in flight, shared by identical requests: the leader
+ * goes upstream and appends what it receives to BUF; followers replay BUF
+ * at their own pace.  Leader and followers each hold a reference.
+ */
+struct flight {
+    struct flight *hnext;
+    uint8_t key[CACHE_KEY_LEN];
+    int refs;
+    bool in_table;
+    struct request *leader;
+    struct request *followers;
+    enum flight_state state;
+    bool head_known;
+    int status;
+    bool sse;
+    char ctype[128];
+    char upstream[72];
+    char *buf;
+    size_t len, cap;
+};
 
 struct request {
     struct sched_item item;     /* first: the queue links requests through it */
@@ -91,6 +124,20 @@ struct request {
     int64_t t_first_data_us;
     uint64_t bytes_out;
     const char *end;            /* how it ended, for the access log */
+
+    /* cache and coalescing */
+    bool cacheable;             /* on a cache path with the cache enabled */
+    bool lookup;                /* may be answered from the cache */
+    bool store_ok;              /* its answer may be stored */
+    bool may_join;              /* may follow an identical request in flight */
+    const char *cache_status;   /* "hit" "miss" "bypass" "none" */
+    uint8_t key[CACHE_KEY_LEN];
+    struct store_get *sget;
+    struct flight *flight;
+    bool headless;              /* leader whose client left; goes on for followers */
+    struct request *fnext, *fprev;
+    size_t follow_off;
+    bool follow_started;
 };
 
 static void request_finish(struct request *r);
@@ -212,7 +259,7 @@ timer_arm(struct request *r, enum req_timer kind, int64_t ms)
     if (kind == TIMER_NONE || ms <= 0) {
         evtimer_del(r->timer);
         r->timer_kind = TIMER_NONE;
-        if (kind != TIMER_NONE && ms <= 0 && (kind == TIMER_BACKOFF || kind == TIMER_QUEUE)) {
+        if (ms <= 0 && (kind == TIMER_BACKOFF || kind == TIMER_QUEUE || kind == TIMER_DISPATCH)) {
             /* due now: run it from the loop */
             r->timer_kind = kind;
             event_active(r->timer, EV_TIMEOUT, 0);
@@ -326,6 +373,356 @@ fail(struct request *r, int status, const char *code, const char *message, const
 
 static void attempt(struct request *r, struct gw_upstream *up);
 
+/* ---- coalescing ------------------------------------------------------------ */
+
+static void dispatch(struct request *r);
+static void follower_feed(struct request *r);
+
+static size_t
+flight_bucket(const uint8_t key[CACHE_KEY_LEN])
+{
+    uint64_t h;
+
+    memcpy(&h, key, sizeof(h));
+    return (size_t)(h % FLIGHT_BUCKETS);
+}
+
+static struct flight *
+flight_find(struct gateway *gw, const uint8_t key[CACHE_KEY_LEN])
+{
+    for (struct flight *f = gw->flights[flight_bucket(key)]; f; f = f->hnext) {
+        if (memcmp(f->key, key, CACHE_KEY_LEN) == 0) {
+            return f;
+        }
+    }
+    return NULL;
+}
+
+static void
+flight_untable(struct gateway *gw, struct flight *f)
+{
+    if (!f->in_table) {
+        return;
+    }
+    struct flight **pp = &gw->flights[flight_bucket(f->key)];
+    while (*pp && *pp != f) {
+        pp = &(*pp)->hnext;
+    }
+    if (*pp) {
+        *pp = f->hnext;
+    }
+    f->in_table = false;
+}
+
+static void
+flight_unref(struct flight *f)
+{
+    if (--f->refs == 0) {
+        free(f->buf);
+        free(f);
+    }
+}
+
+/* R becomes the leader of a new flight for its key. */
+static void
+flight_lead(struct request *r)
+{
+    struct gateway *gw = r->gw;
+    struct flight *f = calloc(1, sizeof(*f));
+
+    if (!f) {
+        return;                     /* not shared; still served */
+    }
+    memcpy(f->key, r->key, CACHE_KEY_LEN);
+    f->refs = 1;
+    f->leader = r;
+    size_t b = flight_bucket(r->key);
+    f->hnext = gw->flights[b];
+    gw->flights[b] = f;
+    f->in_table = true;
+    r->flight = f;
+}
+
+static void
+follower_unlink(struct request *r)
+{
+    struct flight *f = r->flight;
+
+    if (r->fprev) {
+        r->fprev->fnext = r->fnext;
+    } else if (f->followers == r) {
+        f->followers = r->fnext;
+    }
+    if (r->fnext) {
+        r->fnext->fprev = r->fprev;
+    }
+    r->fnext = r->fprev = NULL;
+    r->flight = NULL;
+    flight_unref(f);
+}
+
+static void
+follower_join(struct request *r, struct flight *f)
+{
+    r->flight = f;
+    f->refs++;
+    r->fnext = f->followers;
+    r->fprev = NULL;
+    if (f->followers) {
+        f->followers->fprev = r;
+    }
+    f->followers = r;
+    r->phase = PH_FOLLOWING;
+    r->cache_status = "miss";
+    metrics_add("dsgate_coalesced_total", NULL, 1);
+    follower_feed(r);
+}
+
+/*
+ * The flight can no longer be shared (not a 200, too large, or the leader
+ * failed).  Followers that already replay it get its end as it is; the
+ * others go their own way from the loop: the first leads again.
+ */
+static void
+flight_dissolve(struct flight *f, struct gateway *gw)
+{
+    flight_untable(gw, f);
+    if (f->state == FL_RUNNING) {
+        f->state = FL_FAILED;
+    }
+    f->refs++;                      /* hold it while followers leave */
+    for (struct request *fr = f->followers, *next; fr; fr = next) {
+        next = fr->fnext;
+        if (fr->follow_started) {
+            follower_feed(fr);      /* the rest, then the end; may finish it */
+        } else {
+            follower_unlink(fr);
+            fr->may_join = true;
+            fr->phase = PH_NEW;
+            timer_arm(fr, TIMER_DISPATCH, 0);
+        }
+    }
+    if (f->leader && f->leader->flight == f) {
+        f->leader->flight = NULL;
+        f->leader = NULL;
+        flight_unref(f);
+    }
+    flight_unref(f);
+}
+
+static void
+flight_append(struct flight *f, struct gateway *gw, const char *data, size_t len)
+{
+    if (f->state != FL_RUNNING) {
+        return;
+    }
+    if (f->len + len > CAPTURE_MAX) {
+        flight_dissolve(f, gw);
+        return;
+    }
+    if (f->len + len > f->cap) {
+        size_t cap = f->cap ? f->cap : 16384;
+        while (cap < f->len + len) {
+            cap *= 2;
+        }
+        char *b = realloc(f->buf, cap);
+        if (!b) {
+            flight_dissolve(f, gw);
+            return;
+        }
+        f->buf = b;
+        f->cap = cap;
+    }
+    memcpy(f->buf + f->len, data, len);
+    f->len += len;
+    for (struct request *fr = f->followers, *next; fr; fr = next) {
+        next = fr->fnext;
+        follower_feed(fr);
+    }
+}
+
+static void
+follower_start(struct request *r, int64_t clen)
+{
+    const struct flight *f = r->flight;
+    struct http_header h[6];
+    size_t nh = 0;
+
+    h[nh++] = (struct http_header){ "Content-Type", f->ctype };
+    h[nh++] = (struct http_header){ "X-Cache", "MISS" };
+    h[nh++] = (struct http_header){ "X-Dsgate-Coalesced", "1" };
+    h[nh++] = (struct http_header){ "X-Dsgate-Attempts", "0" };
+    h[nh++] = (struct http_header){ "X-Dsgate-Queue-Ms", "0" };
+    h[nh++] = (struct http_header){ "X-Dsgate-Upstream", f->upstream };
+    r->status = f->status;
+    r->sse = f->sse;
+    sse_scan_init(&r->scan, f->sse);
+    http_reply_start(r->hreq, f->status, h, nh, clen);
+    r->follow_started = true;
+}
+
+/*
+ * Give a follower what the leader has received so far, as fast as its
+ * client takes it; end its reply once the flight is over and all is out.
+ */
+static void
+follower_feed(struct request *r)
+{
+    struct flight *f = r->flight;
+
+    if (!f || !r->hreq || !f->head_known) {
+        return;
+    }
+    if (!r->follow_started) {
+        if (f->sse && f->state != FL_FAILED) {
+            follower_start(r, -1);
+        } else if (f->state == FL_OK) {
+            follower_start(r, (int64_t)f->len);
+        } else {
+            return;                 /* wait for the whole answer */
+        }
+    }
+    while (r->follow_off < f->len && http_reply_pending(r->hreq) < STREAM_HIGH_WATER) {
+        size_t n = f->len - r->follow_off;
+        n = n < FOLLOW_CHUNK ? n : FOLLOW_CHUNK;
+        if (sse_scan_feed(&r->scan, f->buf + r->follow_off, n)) {
+            r->data_sent = true;
+        }
+        http_reply_data(r->hreq, f->buf + r->follow_off, n);
+        r->follow_off += n;
+        r->bytes_out += n;
+    }
+    if (r->follow_off < f->len || f->state == FL_RUNNING) {
+        return;
+    }
+    if (f->state == FL_OK) {
+        r->end = "coalesced";
+    } else {
+        fail(r, 502, "upstream_reset", "upstream failed while serving an identical request",
+             "coalesced_failed");
+    }
+    if (r->hreq) {
+        http_reply_end(r->hreq, false);
+        r->hreq = NULL;
+    }
+    follower_unlink(r);
+    request_finish(r);
+}
+
+/* The leader's final head: followers of a stream start now. */
+static void
+flight_head(struct request *r, int status)
+{
+    struct flight *f = r->flight;
+
+    if (!f) {
+        return;
+    }
+    if (status != 200) {
+        flight_dissolve(f, r->gw);
+        return;
+    }
+    f->head_known = true;
+    f->status = status;
+    f->sse = r->sse;
+    snprintf(f->upstream, sizeof(f->upstream), "%s", r->up->conf->name);
+    for (struct request *fr = f->followers, *next; fr; fr = next) {
+        next = fr->fnext;
+        follower_feed(fr);
+    }
+}
+
+/* The leader is done: store a good answer, finish or release followers. */
+static void
+flight_finish(struct request *r, bool ok)
+{
+    struct flight *f = r->flight;
+    struct gateway *gw = r->gw;
+    const struct conf *c = gw->conf;
+
+    if (!f) {
+        return;
+    }
+    if (!ok || !f->head_known) {
+        flight_dissolve(f, gw);
+        return;
+    }
+    flight_untable(gw, f);
+    f->state = FL_OK;
+    size_t start;
+    if (r->store_ok && cache_storable(f->sse, f->buf, f->len, &start)) {
+        struct cache_entry *e = cache_entry_new(r->key, f->sse, f->ctype, f->buf + start,
+                                                f->len - start,
+                                                cache_now_ms() + c->cache.ttl_ms);
+        if (e) {
+            if (c->cache.max_entries > 0) {
+                cache_mem_put(gw->mem, e);
+                metrics_addf("dsgate_cache_stores_total", 1, "tier=\"memory\"");
+            }
+            store_put(gw->store, e, c->cache.ttl_ms);
+            cache_entry_unref(e);
+        }
+    }
+    f->refs++;
+    for (struct request *fr = f->followers, *next; fr; fr = next) {
+        next = fr->fnext;
+        follower_feed(fr);
+    }
+    f->leader = NULL;
+    r->flight = NULL;
+    flight_unref(f);                /* the leader's reference */
+    flight_unref(f);
+}
+
+/* ---- cache hits ---------------------------------------------------------- */
+
+static void
+entry_release(void *arg)
+{
+    cache_entry_unref(arg);
+}
+
+/* Answer from a cache entry (takes the reference). */
+static void
+reply_entry(struct request *r, struct cache_entry *e, const char *tier)
+{
+    struct http_header h[5];
+    size_t nh = 0;
+
+    h[nh++] = (struct http_header){ "Content-Type", e->ctype };
+    h[nh++] = (struct http_header){ "X-Cache", "HIT" };
+    h[nh++] = (struct http_header){ "X-Dsgate-Attempts", "0" };
+    h[nh++] = (struct http_header){ "X-Dsgate-Queue-Ms", "0" };
+    r->status = 200;
+    r->cache_status = "hit";
+    r->end = "cache_hit";
+    r->bytes_out = e->body_len;
+    metrics_addf("dsgate_cache_hits_total", 1, "tier=\"%s\"", tier);
+    http_reply_start(r->hreq, 200, h, nh, (int64_t)e->body_len);
+    http_reply_data_ref(r->hreq, e->body, e->body_len, entry_release, e);
+    http_reply_end(r->hreq, false);
+    r->hreq = NULL;
+}
+
+static void
+on_store_reply(void *arg, struct cache_entry *e)
+{
+    struct request *r = arg;
+
+    r->sget = NULL;
+    if (e) {
+        if (r->gw->conf->cache.max_entries > 0) {
+            cache_mem_put(r->gw->mem, e);   /* promote */
+        }
+        reply_entry(r, e, "redis");
+        request_finish(r);
+        return;
+    }
+    metrics_add("dsgate_cache_misses_total", NULL, 1);
+    dispatch(r);
+}
+
+
 /* Wait for a slot: at once if one is free and nobody waits, else queue. */
 static void
 enqueue(struct request *r)
@@ -387,7 +784,8 @@ can_retry(struct request *r, int64_t retry_after_ms)
     const struct conf *c = r->gw->conf;
     int64_t now = http_now_us();
 
-    if (r->data_sent || !r->hreq || r->attempts >= c->retry.max_attempts || r->gw->draining) {
+    if (r->data_sent || (!r->hreq && !r->headless) || r->attempts >= c->retry.max_attempts ||
+        r->gw->draining) {
         return false;
     }
     int64_t delay = retry_backoff_ms(c->retry.jitter, c->retry.base_ms, c->retry.cap_ms,
@@ -449,6 +847,9 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
     case TIMER_BACKOFF:
         enqueue(r);
         return;
+    case TIMER_DISPATCH:
+        dispatch(r);
+        return;
     case TIMER_FIRST_DATA:
     case TIMER_IDLE:
         break;
@@ -477,17 +878,27 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
 
 /* ---- upstream callbacks ------------------------------------------------- */
 
+/* Record the answer's kind in the flight, for followers and the cache. */
+static void
+flight_note_type(struct request *r, const char *ctype)
+{
+    if (r->flight) {
+        snprintf(r->flight->ctype, sizeof(r->flight->ctype), "%s",
+                 ctype ? ctype : "application/json");
+    }
+}
+
 static int
 on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
 {
     struct request *r = arg;
-    struct http_header out[MAX_FWD_HEADERS + 4];
+    struct http_header out[MAX_FWD_HEADERS + 5];
     size_t no = 0;
     int64_t clen = -1;
-    const char *conn = NULL, *retry_after = NULL;
+    const char *conn = NULL, *retry_after = NULL, *ctype = NULL;
     char attempts[16], queue_ms[24];
 
-    if (!r->hreq) {
+    if (!r->hreq && !r->headless) {
         return UP_ABORT;
     }
     bool overload = status == 429 || status == 503 || status == 504;
@@ -497,6 +908,8 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
             conn = hdrs[i].value;
         } else if (strcasecmp(hdrs[i].name, "Retry-After") == 0) {
             retry_after = hdrs[i].value;
+        } else if (strcasecmp(hdrs[i].name, "Content-Type") == 0) {
+            ctype = hdrs[i].value;
         }
     }
     r->status = status;
@@ -508,13 +921,23 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
             return UP_CONTINUE;
         }
     }
-    if (http_reply_started(r->hreq)) {
-        /* an earlier attempt already started the reply with keep-alives */
+    bool started = r->hreq ? http_reply_started(r->hreq)
+                           : (r->flight && r->flight->head_known);
+    if (started) {
+        /* an earlier attempt already started the answer with keep-alives */
         if (status != 200) {
             r->late_status = status;
             return UP_ABORT;
         }
         return UP_CONTINUE;
+    }
+    r->sse = ctype && strncasecmp(ctype, "text/event-stream", 17) == 0;
+    sse_scan_init(&r->scan, r->sse);
+    flight_note_type(r, ctype);
+    if (!r->hreq) {
+        /* headless leader: only followers want this answer */
+        flight_head(r, status);
+        return r->flight ? UP_CONTINUE : UP_ABORT;
     }
     for (size_t i = 0; i < n && no < MAX_FWD_HEADERS; i++) {
         const char *name = hdrs[i].name;
@@ -530,10 +953,6 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         if (is_hop_by_hop(name) || named_by_connection(conn, name)) {
             continue;
         }
-        if (strcasecmp(name, "Content-Type") == 0 &&
-            strncasecmp(hdrs[i].value, "text/event-stream", 17) == 0) {
-            r->sse = true;
-        }
         out[no++] = hdrs[i];
     }
     snprintf(attempts, sizeof(attempts), "%d", r->attempts);
@@ -541,11 +960,14 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
     out[no++] = (struct http_header){ "X-Dsgate-Attempts", attempts };
     out[no++] = (struct http_header){ "X-Dsgate-Queue-Ms", queue_ms };
     out[no++] = (struct http_header){ "X-Dsgate-Upstream", r->up->conf->name };
+    if (r->cacheable) {
+        out[no++] = (struct http_header){ "X-Cache", r->store_ok ? "MISS" : "BYPASS" };
+    }
     if (r->sse) {
         clen = -1;                  /* events are forwarded as they come */
     }
-    sse_scan_init(&r->scan, r->sse);
     http_reply_start(r->hreq, status, out, no, clen);
+    flight_head(r, status);
     return UP_CONTINUE;
 }
 
@@ -557,10 +979,10 @@ on_data(void *arg, const char *data, size_t len)
     if (r->discarding) {
         return UP_CONTINUE;
     }
-    if (!r->hreq) {
+    if (!r->hreq && !r->headless) {
         return UP_ABORT;
     }
-    if (http_reply_pending(r->hreq) > STREAM_HIGH_WATER) {
+    if (r->hreq && http_reply_pending(r->hreq) > STREAM_HIGH_WATER) {
         r->paused = true;
         return UP_PAUSE;
     }
@@ -571,8 +993,16 @@ on_data(void *arg, const char *data, size_t len)
         r->data_sent = true;
         timer_arm(r, TIMER_IDLE, r->up->conf->idle_ms);
     }
-    http_reply_data(r->hreq, data, len);
-    r->bytes_out += len;
+    if (r->hreq) {
+        http_reply_data(r->hreq, data, len);
+        r->bytes_out += len;
+    }
+    if (r->flight) {
+        flight_append(r->flight, r->gw, data, len);
+        if (r->headless && !r->flight) {
+            return UP_ABORT;        /* too large to share; nobody else wants it */
+        }
+    }
     return UP_CONTINUE;
 }
 
@@ -669,9 +1099,19 @@ static void
 on_client_close(void *arg)
 {
     struct request *r = arg;
+    struct gateway *gw = r->gw;
     bool freed_slot = r->slot_held;
 
     r->hreq = NULL;
+    if (r->flight && r->flight->leader == r && r->flight->followers) {
+        /* identical requests wait on this one: go on without a client */
+        r->headless = true;
+        if (r->paused && r->xfer) {
+            r->paused = false;
+            upstream_pause(r->xfer, false);
+        }
+        return;
+    }
     if (!r->end) {
         switch (r->phase) {
         case PH_QUEUED:
@@ -679,6 +1119,10 @@ on_client_close(void *arg)
             break;
         case PH_BACKOFF:
             r->end = "client_closed_backoff";
+            break;
+        case PH_LOOKUP:
+        case PH_FOLLOWING:
+            r->end = "client_closed_waiting";
             break;
         default:
             r->end = r->data_sent ? "client_closed_streaming" : "client_closed_waiting";
@@ -692,9 +1136,22 @@ on_client_close(void *arg)
         r->xfer = NULL;
         count_attempt(r, "client_closed");
     }
+    struct request *orphan = NULL;
+    if (r->flight && r->flight->leader != r) {
+        struct flight *f = r->flight;
+        follower_unlink(r);
+        if (f->leader && f->leader->headless && !f->followers) {
+            orphan = f->leader;     /* nobody is left to answer */
+        }
+    }
     request_finish(r);
+    if (orphan) {
+        orphan->end = "client_closed_waiting";
+        request_finish(orphan);
+        freed_slot = true;
+    }
     if (freed_slot) {
-        request_pump(r->gw);
+        request_pump(gw);
     }
 }
 
@@ -703,6 +1160,10 @@ on_client_drain(void *arg)
 {
     struct request *r = arg;
 
+    if (r->phase == PH_FOLLOWING) {
+        follower_feed(r);
+        return;
+    }
     if (r->paused && r->xfer) {
         r->paused = false;
         upstream_pause(r->xfer, false);    /* may deliver data right here */
@@ -725,11 +1186,11 @@ access_log(struct request *r)
     evbuffer_add_printf(b, "\",\"path\":\"");
     log_json_escape(b, r->path);
     evbuffer_add_printf(b,
-                        "\",\"status\":%d,\"priority\":\"%s\",\"cache\":\"none\","
+                        "\",\"status\":%d,\"priority\":\"%s\",\"cache\":\"%s\","
                         "\"upstream\":\"%s\",\"attempts\":%d,\"queue_ms\":%lld,"
                         "\"upstream_ms\":%lld,\"first_data_ms\":%lld,\"total_ms\":%lld,"
                         "\"bytes_in\":%zu,\"bytes_out\":%llu,\"end\":\"%s\"}",
-                        r->status, conf_priority_name(r->prio),
+                        r->status, conf_priority_name(r->prio), r->cache_status,
                         r->attempts ? r->up->conf->name : "", r->attempts,
                         (long long)(r->queue_us / 1000),
                         (long long)(r->t_up_start_us ? (now - r->t_up_start_us) / 1000 : 0),
@@ -753,6 +1214,17 @@ request_finish(struct request *r)
     if (r->item.queued) {
         sched_queue_remove(&r->gw->queue, &r->item);
     }
+    if (r->sget) {
+        store_get_cancel(r->sget);
+        r->sget = NULL;
+    }
+    if (r->flight) {
+        if (r->flight->leader == r) {
+            flight_finish(r, r->status == 200 && r->end && strcmp(r->end, "completed") == 0);
+        } else {
+            follower_unlink(r);
+        }
+    }
     if (r->xfer) {
         upstream_cancel(r->xfer);
         r->xfer = NULL;
@@ -765,8 +1237,8 @@ request_finish(struct request *r)
     slot_release(r);
     access_log(r);
     char labels[96];
-    snprintf(labels, sizeof(labels), "code=\"%d\",priority=\"%s\",cache=\"none\"",
-             r->status ? r->status : 499, conf_priority_name(r->prio));
+    snprintf(labels, sizeof(labels), "code=\"%d\",priority=\"%s\",cache=\"%s\"",
+             r->status ? r->status : 499, conf_priority_name(r->prio), r->cache_status);
     metrics_add("dsgate_requests_total", labels, 1);
     metrics_observe("dsgate_request_duration_seconds", NULL,
                     (double)(http_now_us() - r->t_start_us) / 1e6);
@@ -838,37 +1310,30 @@ attempt(struct request *r, struct gw_upstream *up)
     timer_arm(r, TIMER_FIRST_DATA, uc->first_data_ms);
 }
 
-void
-request_start(struct gateway *gw, struct http_req *hreq, enum prio prio)
+/* Shared by identical requests, queued, or refused: the way upstream. */
+static void
+dispatch(struct request *r)
 {
-    struct request *r = calloc(1, sizeof(*r));
+    struct gateway *gw = r->gw;
 
-    if (!r) {
-        http_reply_error(hreq, 500, "internal_error", "out_of_memory", "out of memory");
-        return;
-    }
-    r->gw = gw;
-    r->hreq = hreq;
-    r->id = hreq->id;
-    r->prio = prio;
-    r->t_start_us = hreq->t_start_us;
-    snprintf(r->method, sizeof(r->method), "%s", hreq->method);
-    r->path = strdup(hreq->path);
-    r->target = strdup(hreq->target);
-    r->timer = evtimer_new(gw->base, timer_cb, r);
-    gw->live_requests++;
-    if (!r->path || !r->target || !r->timer ) {
-        fail(r, 500, "out_of_memory", "out of memory", "internal_error");
+    if (!r->hreq) {
         request_finish(r);
         return;
     }
-    r->body = http_req_take_body(hreq, &r->body_len);
-    http_req_set_callbacks(hreq, on_client_close, on_client_drain, r);
-
+    if (r->cacheable && r->store_ok) {
+        struct flight *f = r->may_join ? flight_find(gw, r->key) : NULL;
+        if (f && f->state == FL_RUNNING) {
+            follower_join(r, f);
+            return;
+        }
+        if (!f) {
+            flight_lead(r);
+        }
+    }
     /* admission: a full queue refuses, or sheds its newest lower-class request */
     if (gw->queue.total >= (size_t)gw->conf->queue.max_queued &&
         !(gw->queue.total == 0 && pick_upstream(gw, r))) {
-        struct sched_item *victim = sched_queue_victim(&gw->queue, prio);
+        struct sched_item *victim = sched_queue_victim(&gw->queue, r->prio);
         if (!victim) {
             metrics_addf("dsgate_queue_rejected_total", 1, "reason=\"full\"");
             fail(r, 429, "queue_full", "too many requests waiting; retry later", "queue_full");
@@ -883,4 +1348,126 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio)
         request_finish(v);
     }
     enqueue(r);
+}
+
+/* Cache-Control directives the client may send: no-store, no-cache. */
+static void
+cache_directives(const struct http_req *hreq, bool *no_store, bool *no_cache)
+{
+    const char *cc = http_req_header(hreq, "Cache-Control");
+
+    *no_store = *no_cache = false;
+    if (!cc) {
+        return;
+    }
+    for (const char *p = cc; *p;) {
+        p += strspn(p, ", \t");
+        size_t n = strcspn(p, ", \t");
+        if (n == 8 && strncasecmp(p, "no-store", 8) == 0) {
+            *no_store = true;
+        } else if (n == 8 && strncasecmp(p, "no-cache", 8) == 0) {
+            *no_cache = true;
+        }
+        p += n;
+    }
+}
+
+void
+request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const void *doc)
+{
+    struct request *r = calloc(1, sizeof(*r));
+    const struct conf *c = gw->conf;
+
+    if (!r) {
+        http_reply_error(hreq, 500, "internal_error", "out_of_memory", "out of memory");
+        return;
+    }
+    r->gw = gw;
+    r->hreq = hreq;
+    r->id = hreq->id;
+    r->prio = prio;
+    r->t_start_us = hreq->t_start_us;
+    r->cache_status = "none";
+    snprintf(r->method, sizeof(r->method), "%s", hreq->method);
+    r->path = strdup(hreq->path);
+    r->target = strdup(hreq->target);
+    r->timer = evtimer_new(gw->base, timer_cb, r);
+    gw->live_requests++;
+    if (!r->path || !r->target || !r->timer) {
+        fail(r, 500, "out_of_memory", "out of memory", "internal_error");
+        request_finish(r);
+        return;
+    }
+    http_req_set_callbacks(hreq, on_client_close, on_client_drain, r);
+
+    if (doc && c->cache.enabled) {
+        bool no_store, no_cache;
+        cache_directives(hreq, &no_store, &no_cache);
+        r->cacheable = true;
+        r->store_ok = !no_store;
+        r->lookup = !no_store && !no_cache;
+        r->may_join = r->lookup;
+        r->cache_status = no_store ? "bypass" : "miss";
+        const char *cred = c->cache.shared ? NULL : http_req_header(hreq, "Authorization");
+        if (r->store_ok && cache_key(gw->cache_group, r->method, r->path, doc, cred, r->key) < 0) {
+            r->store_ok = r->lookup = r->may_join = false;
+        }
+    }
+    r->body = http_req_take_body(hreq, &r->body_len);
+
+    if (r->lookup) {
+        struct cache_entry *e = cache_mem_get(gw->mem, r->key, cache_now_ms());
+        if (e) {
+            reply_entry(r, e, "memory");
+            request_finish(r);
+            return;
+        }
+        r->sget = store_get(gw->store, r->key, on_store_reply, r);
+        if (r->sget) {
+            r->phase = PH_LOOKUP;
+            return;
+        }
+        metrics_add("dsgate_cache_misses_total", NULL, 1);
+    }
+    dispatch(r);
+}
+
+int
+request_cache_setup(struct gateway *gw)
+{
+    const struct conf *c = gw->conf;
+    size_t gl = 1;
+
+    for (size_t i = 0; i < c->nupstreams; i++) {
+        gl += strlen(c->upstreams[i].name) + 1;
+    }
+    gw->cache_group = calloc(1, gl);
+    gw->flights = calloc(FLIGHT_BUCKETS, sizeof(*gw->flights));
+    gw->mem = cache_mem_new((size_t)c->cache.max_entries, (size_t)c->cache.max_bytes);
+    if (!gw->cache_group || !gw->flights || !gw->mem) {
+        return -1;
+    }
+    for (size_t i = 0; i < c->nupstreams; i++) {
+        strcat(gw->cache_group, c->upstreams[i].name);
+        strcat(gw->cache_group, ",");
+    }
+    gw->nflight_buckets = FLIGHT_BUCKETS;
+    if (c->cache.enabled && c->cache.redis_url[0]) {
+        gw->store = store_new(gw->base, c->cache.redis_url, c->cache.redis_prefix,
+                              c->cache.redis_timeout_ms);
+    }
+    return 0;
+}
+
+void
+request_cache_free(struct gateway *gw)
+{
+    store_free(gw->store);
+    gw->store = NULL;
+    cache_mem_free(gw->mem);
+    gw->mem = NULL;
+    free(gw->flights);
+    gw->flights = NULL;
+    free(gw->cache_group);
+    gw->cache_group = NULL;
 }

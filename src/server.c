@@ -158,9 +158,10 @@ server_handle(struct http_req *req, void *arg)
             prio = ceiling;
         }
     }
+    json_t *doc = NULL;
     if (strcmp(req->method, "POST") == 0 && path_is(c, req->path)) {
         json_error_t jerr;
-        json_t *doc = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, &jerr);
+        doc = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, &jerr);
         if (!doc || !json_is_object(doc)) {
             char msg[256];
             snprintf(msg, sizeof(msg), "request body is not a valid JSON object%s%s",
@@ -169,9 +170,9 @@ server_handle(struct http_req *req, void *arg)
             http_reply_error(req, 400, "invalid_request_error", "invalid_json", msg);
             return;
         }
-        json_decref(doc);
     }
-    request_start(gw, req, prio);
+    request_start(gw, req, prio, doc);
+    json_decref(doc);
 }
 
 int
