@@ -41,8 +41,10 @@ UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=build/asan/%)
 # Debian packages: build libraries, then what the tests use.
 DEB_BUILD := build-essential pkg-config libevent-dev libcurl4-openssl-dev libjansson-dev \
              libhiredis-dev libyaml-dev libssl-dev
-DEB_TEST  := libcmocka-dev redis-server python3 nodejs npm curl
-DEB_ALL   := $(DEB_BUILD) $(DEB_TEST)
+DEB_TEST  := libcmocka-dev
+# command:package pairs; a command already on PATH (for example a Node.js
+# from elsewhere) is used as it is
+DEB_TOOLS := redis-server:redis-server python3:python3 curl:curl node:nodejs npm:npm
 
 .PHONY: all deps run test unit integration clients install clean fuzz bench
 
@@ -77,8 +79,11 @@ build/obj build/asan/obj:
 
 # Installs only what is missing, so it is a no-op on a prepared machine.
 deps:
-	@missing=""; for p in $(DEB_ALL); do \
+	@missing=""; for p in $(DEB_BUILD) $(DEB_TEST); do \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	for t in $(DEB_TOOLS); do \
+	    command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	    echo "  DEPS   $$missing"; \

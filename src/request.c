@@ -50,7 +50,7 @@
 
 #define STREAM_HIGH_WATER (256 * 1024)  /* pause the upstream above this */
 #define MAX_FWD_HEADERS   128
-#define CAPTURE_MAX       (16 * 1024 * 1024)   /* largest response shared or cached */
+#define CAPTURE_MAX       (2 * 1024 * 1024)    /* largest response shared or cached */
 #define FOLLOW_CHUNK      (64 * 1024)
 #define FLIGHT_BUCKETS    4096
 
@@ -114,6 +114,16 @@ struct request {
     bool discarding;            /* this attempt's answer will be retried */
     bool data_sent;             /* a data byte reached the client */
     int late_status;            /* non-200 head after the reply started */
+    /*
+     * A non-stream answer's head waits for its first data byte, so that
+     * leading keep-alive white space can be dropped and a failure before
+     * data is still a clean JSON error (and a transparent retry).
+     */
+    struct evbuffer *dhead;     /* "name\0value\0" pairs */
+    size_t dhead_n;
+    int64_t dhead_clen;
+    bool head_deferred;
+    size_t ws_dropped;
     int attempts;
     int64_t next_delay_ms;      /* backoff chosen for the coming retry */
     int64_t prev_delay_ms;
@@ -141,6 +151,7 @@ struct request {
 };
 
 static void request_finish(struct request *r);
+static void head_defer_clear(struct request *r);
 
 /* ---- headers ------------------------------------------------------------ */
 
@@ -813,6 +824,7 @@ schedule_retry(struct request *r, const char *reason)
     log_msg(LOG_DEBUG, "req=%llu up=%s: retry %d in %lld ms (%s)", (unsigned long long)r->id,
             r->up->conf->name, r->attempts, (long long)r->next_delay_ms, reason);
     r->prev_delay_ms = r->next_delay_ms;
+    head_defer_clear(r);
     r->phase = PH_BACKOFF;
     r->discarding = false;
     r->status = 0;
@@ -830,6 +842,7 @@ static void
 timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct request *r = arg;
+    struct gateway *gw = r->gw;
     enum req_timer kind = r->timer_kind;
 
     (void)fd;
@@ -873,10 +886,58 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
              "upstream_idle");
         request_finish(r);
     }
-    request_pump(r->gw);
+    request_pump(gw);
 }
 
 /* ---- upstream callbacks ------------------------------------------------- */
+
+static void
+head_defer_clear(struct request *r)
+{
+    if (r->dhead) {
+        evbuffer_free(r->dhead);
+        r->dhead = NULL;
+    }
+    r->head_deferred = false;
+    r->dhead_n = 0;
+    r->ws_dropped = 0;
+}
+
+/* Keep a head to send when the first data byte arrives. */
+static void
+head_defer(struct request *r, const struct http_header *h, size_t n, int64_t clen)
+{
+    head_defer_clear(r);
+    r->dhead = evbuffer_new();
+    if (!r->dhead) {
+        http_reply_start(r->hreq, r->status, h, n, clen);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        evbuffer_add(r->dhead, h[i].name, strlen(h[i].name) + 1);
+        evbuffer_add(r->dhead, h[i].value, strlen(h[i].value) + 1);
+    }
+    r->dhead_n = n;
+    r->dhead_clen = clen;
+    r->head_deferred = true;
+}
+
+static void
+head_send(struct request *r)
+{
+    struct http_header h[MAX_FWD_HEADERS + 8];
+    const char *p = (const char *)evbuffer_pullup(r->dhead, -1);
+
+    for (size_t i = 0; i < r->dhead_n; i++) {
+        h[i].name = p;
+        p += strlen(p) + 1;
+        h[i].value = p;
+        p += strlen(p) + 1;
+    }
+    /* white space was dropped: the upstream's length no longer holds */
+    http_reply_start(r->hreq, r->status, h, r->dhead_n, r->ws_dropped ? -1 : r->dhead_clen);
+    head_defer_clear(r);
+}
 
 /* Record the answer's kind in the flight, for followers and the cache. */
 static void
@@ -964,9 +1025,10 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         out[no++] = (struct http_header){ "X-Cache", r->store_ok ? "MISS" : "BYPASS" };
     }
     if (r->sse) {
-        clen = -1;                  /* events are forwarded as they come */
+        http_reply_start(r->hreq, status, out, no, -1);  /* events go as they come */
+    } else {
+        head_defer(r, out, no, clen);
     }
-    http_reply_start(r->hreq, status, out, no, clen);
     flight_head(r, status);
     return UP_CONTINUE;
 }
@@ -993,15 +1055,29 @@ on_data(void *arg, const char *data, size_t len)
         r->data_sent = true;
         timer_arm(r, TIMER_IDLE, r->up->conf->idle_ms);
     }
-    if (r->hreq) {
-        http_reply_data(r->hreq, data, len);
-        r->bytes_out += len;
-    }
     if (r->flight) {
         flight_append(r->flight, r->gw, data, len);
         if (r->headless && !r->flight) {
             return UP_ABORT;        /* too large to share; nobody else wants it */
         }
+    }
+    if (r->hreq && r->head_deferred) {
+        size_t ws = 0;
+        while (ws < len && (data[ws] == ' ' || data[ws] == '\t' || data[ws] == '\r' ||
+                            data[ws] == '\n')) {
+            ws++;
+        }
+        r->ws_dropped += ws;
+        data += ws;
+        len -= ws;
+        if (len == 0) {
+            return UP_CONTINUE;
+        }
+        head_send(r);
+    }
+    if (r->hreq) {
+        http_reply_data(r->hreq, data, len);
+        r->bytes_out += len;
     }
     return UP_CONTINUE;
 }
@@ -1010,6 +1086,7 @@ static void
 on_done(void *arg, enum up_result res, const char *detail)
 {
     struct request *r = arg;
+    struct gateway *gw = r->gw;
     const struct conf *c = r->gw->conf;
     const char *name = r->up->conf->name;
 
@@ -1027,6 +1104,9 @@ on_done(void *arg, enum up_result res, const char *detail)
     case UP_OK:
         count_attempt(r, r->status < 400 ? "ok" : r->status < 500 ? "4xx" : "5xx");
         r->end = "completed";
+        if (r->hreq && r->head_deferred) {
+            head_send(r);           /* an empty (or all white space) body */
+        }
         if (r->hreq) {
             if (!http_reply_started(r->hreq)) {
                 /* curl saw a complete answer whose head we never passed on */
@@ -1088,7 +1168,7 @@ on_done(void *arg, enum up_result res, const char *detail)
         break;
     }
     request_finish(r);
-    request_pump(r->gw);
+    request_pump(gw);
 }
 
 static const struct up_callbacks up_cb = { on_head, on_data, on_done };
@@ -1218,6 +1298,7 @@ request_finish(struct request *r)
         store_get_cancel(r->sget);
         r->sget = NULL;
     }
+    head_defer_clear(r);
     if (r->flight) {
         if (r->flight->leader == r) {
             flight_finish(r, r->status == 200 && r->end && strcmp(r->end, "completed") == 0);
