@@ -14,6 +14,7 @@
  * printed, and user:password@ in URLs is masked in messages.
  */
 #include "conf.h"
+#include "route.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -225,7 +226,7 @@ static const struct conf_key conf_keys[] = {
      .flags = CK_NORELOAD, .check = conf_check_listen},
     {KEY("admin_listen", CT_STR, C(admin_listen), 0, 0, ""),
      .flags = CK_NORELOAD, .check = conf_check_admin},
-    {KEY("upstreams", CT_LIST, C(upstreams), 1, 100, NULL),
+    {KEY("upstreams", CT_LIST, C(upstreams), 1, ROUTE_MAX_UPSTREAMS, NULL),
      .flags = CK_ONE_ITEM, .noff = C(nupstreams),
      .size = sizeof(struct conf_upstream), .sub = conf_upstream_keys,
      .item = conf_check_upstream},

@@ -13,8 +13,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <event2/util.h>
+
 #include "conf.h"
 #include "retry.h"
+#include "route.h"
 #include "sched.h"
 
 struct cache_mem;
@@ -27,8 +30,16 @@ struct upstream_ctx;
 
 struct gw_upstream {
     const struct conf_upstream *conf;
+    size_t idx;                 /* position in gateway.ups */
     char *auth_header;          /* "Authorization: Bearer <key>" or NULL; secret */
     struct sched_limit limit;   /* in flight and the adaptive limit */
+    struct circuit circuit;
+    struct event *wake;         /* pumps the queue when an open circuit may close */
+    struct gateway *gw;
+    /* the answer that opened the circuit on 401/402/403, replayed while it is open */
+    int auth_status;
+    char *auth_body;
+    size_t auth_body_len;
 };
 
 struct gw_client {
@@ -44,6 +55,8 @@ struct gateway {
     struct http_server *srv;
     struct gw_upstream *ups;
     size_t nups;
+    int64_t swrr[ROUTE_MAX_UPSTREAMS];  /* smooth weighted round robin state */
+    bool has_aliases;           /* some upstream has a models map */
     struct gw_client *clients;  /* those whose token variable is set */
     size_t nclients;
     bool require_client;        /* clients: configured */
@@ -77,6 +90,14 @@ void request_cache_free(struct gateway *gw);
 
 /* Start queued requests while upstream slots are free. */
 void request_pump(struct gateway *gw);
+
+/* GET /v1/models answered from every upstream's list and the aliases (models.c). */
+bool models_wanted(const struct gateway *gw, const struct http_req *req);
+void models_handle(struct gateway *gw, struct http_req *req);
+void models_free(void);
+
+/* Timer callback of gw_upstream.wake: an open circuit may let requests through. */
+void request_wake_cb(evutil_socket_t fd, short what, void *arg);
 
 /* Publish the queue and limiter gauges. */
 void request_update_gauges(struct gateway *gw);

@@ -231,6 +231,7 @@ main(int argc, char **argv)
     event_free(drain_timer);
     event_base_free(gw.base);
     conf_free(gw.conf);
+    models_free();
     metrics_free();
     curl_global_cleanup();
     log_close();

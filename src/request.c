@@ -36,6 +36,7 @@
 
 #include <event2/buffer.h>
 #include <event2/event.h>
+#include <jansson.h>
 
 #include "cache.h"
 #include "gateway.h"
@@ -43,6 +44,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "retry.h"
+#include "route.h"
 #include "sched.h"
 #include "sse.h"
 #include "store.h"
@@ -126,6 +128,8 @@ struct request {
     size_t ws_dropped;
     int attempts;
     int64_t next_delay_ms;      /* backoff chosen for the coming retry */
+    int backoffs;               /* backoff sleeps so far */
+    bool moving;                /* the coming retry goes to another upstream at once */
     int64_t prev_delay_ms;
     const char *retry_reason;
     int64_t queue_us;           /* time spent queued, all attempts */
@@ -134,6 +138,17 @@ struct request {
     int64_t t_first_data_us;
     uint64_t bytes_out;
     const char *end;            /* how it ended, for the access log */
+
+    /* routing */
+    char *model;                /* the client's "model", or NULL */
+    json_t *doc;                /* parsed body, kept when a model may be renamed */
+    uint64_t tried;             /* upstreams tried since the last backoff (bits) */
+    char *send_body;            /* body with the model renamed for this upstream */
+    size_t send_len;
+    struct model_rewrite mrw;   /* answers: upstream model name -> client's */
+    bool rewriting;
+    bool auth_failed;           /* this attempt got 401/402/403 */
+    struct evbuffer *errbody;   /* its body, kept for replay while the circuit is open */
 
     /* cache and coalescing */
     bool cacheable;             /* on a cache path with the cache enabled */
@@ -152,6 +167,8 @@ struct request {
 
 static void request_finish(struct request *r);
 static void head_defer_clear(struct request *r);
+static int forward(struct request *r, const char *data, size_t len);
+static int forward_rewritten(struct request *r, const char *data, size_t len, bool flush);
 
 /* ---- headers ------------------------------------------------------------ */
 
@@ -296,17 +313,142 @@ item_request(struct sched_item *it)
     return (struct request *)((char *)it - offsetof(struct request, item));
 }
 
-/* The upstream to use now, or NULL when every candidate is at its limit. */
+/* Does upstream U take this request's model? */
+static bool
+eligible(const struct request *r, const struct gw_upstream *u)
+{
+    return !r->model || route_model_for(u->conf, r->model) != NULL;
+}
+
+void
+request_wake_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_upstream *u = arg;
+
+    (void)fd;
+    (void)what;
+    request_pump(u->gw);
+}
+
+/* Feed an attempt's outcome to its upstream's circuit breaker. */
+static void
+circuit_result(struct request *r, enum route_outcome o, const char *reason)
+{
+    struct gw_upstream *u = r->up;
+    int64_t now = http_now_us();
+
+    if (!circuit_on_result(&u->circuit, o, reason, now)) {
+        return;
+    }
+    const struct circuit *c = &u->circuit;
+    if (c->state == CIRCUIT_OPEN) {
+        int64_t ms = (c->open_until_us - now) / 1000;
+        if (c->auth) {
+            log_msg(LOG_WARN, "up=%s: circuit open for %lld ms: upstream answered %s (%s)",
+                    u->conf->name, (long long)ms, reason,
+                    strcmp(reason, "402") == 0   ? "insufficient balance"
+                    : strcmp(reason, "401") == 0 ? "authentication failed, check the key"
+                                                 : "forbidden");
+        } else {
+            log_msg(LOG_WARN, "up=%s: circuit open for %lld ms after %d failures (last: %s)",
+                    u->conf->name, (long long)ms, c->failures, reason);
+        }
+        struct timeval tv = { ms / 1000, (ms % 1000) * 1000 + 1000 };
+        evtimer_add(u->wake, &tv);
+    } else if (c->state == CIRCUIT_CLOSED) {
+        log_msg(LOG_INFO, "up=%s: circuit closed", u->conf->name);
+    }
+}
+
+/*
+ * When every eligible upstream is shut by 401/402/403, waiting will not
+ * help: the upstream whose answer the client should get, else NULL.
+ */
+static struct gw_upstream *
+auth_blocked(struct request *r)
+{
+    struct gw_upstream *answer = NULL;
+    int64_t now = http_now_us();
+
+    for (size_t i = 0; i < r->gw->nups; i++) {
+        struct gw_upstream *u = &r->gw->ups[i];
+        if (!eligible(r, u)) {
+            continue;
+        }
+        if (!u->circuit.auth || circuit_usable(&u->circuit, now)) {
+            return NULL;
+        }
+        if (!answer && u->auth_body) {
+            answer = u;
+        }
+    }
+    return answer;
+}
+
+static void
+reply_auth_blocked(struct request *r, struct gw_upstream *u)
+{
+    struct http_header h[4];
+    char st[8];
+
+    snprintf(st, sizeof(st), "%d", u->auth_status);
+    h[0] = (struct http_header){ "Content-Type", "application/json" };
+    h[1] = (struct http_header){ "X-Dsgate-Attempts", "0" };
+    h[2] = (struct http_header){ "X-Dsgate-Queue-Ms", "0" };
+    h[3] = (struct http_header){ "X-Dsgate-Upstream", u->conf->name };
+    r->status = u->auth_status;
+    r->end = "circuit_open";
+    http_reply(r->hreq, u->auth_status, h, 4, u->auth_body, u->auth_body_len);
+    r->hreq = NULL;
+}
+
+/* Is there an eligible upstream, other than those tried, whose circuit lets a request through? */
+static bool
+alternative_exists(struct request *r)
+{
+    int64_t now = http_now_us();
+
+    for (size_t i = 0; i < r->gw->nups; i++) {
+        struct gw_upstream *u = &r->gw->ups[i];
+        if (!(r->tried & ((uint64_t)1 << i)) && eligible(r, u) && circuit_usable(&u->circuit, now)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/*
+ * The upstream to use now, or NULL when every candidate is at its limit or
+ * its circuit is open.  Untried upstreams first (a retry moves on).
+ */
 static struct gw_upstream *
 pick_upstream(struct gateway *gw, struct request *r)
 {
-    (void)r;
+    size_t cand[ROUTE_MAX_UPSTREAMS], n = 0, fresh[ROUTE_MAX_UPSTREAMS], nf = 0;
+    int weights[ROUTE_MAX_UPSTREAMS];
+    int64_t now = http_now_us();
+
     for (size_t i = 0; i < gw->nups; i++) {
-        if (sched_limit_available(&gw->ups[i].limit)) {
-            return &gw->ups[i];
+        struct gw_upstream *u = &gw->ups[i];
+        weights[i] = u->conf->weight;
+        if (!eligible(r, u) || !circuit_usable(&u->circuit, now) ||
+            !sched_limit_available(&u->limit)) {
+            continue;
+        }
+        cand[n++] = i;
+        if (!(r->tried & ((uint64_t)1 << i))) {
+            fresh[nf++] = i;
         }
     }
-    return NULL;
+    if (n == 0) {
+        return NULL;
+    }
+    const size_t *set = nf > 0 ? fresh : cand;
+    size_t ns = nf > 0 ? nf : n;
+    if (gw->conf->routing == ROUTING_FAILOVER || ns == 1) {
+        return &gw->ups[set[0]];
+    }
+    return &gw->ups[route_swrr_pick(gw->swrr, weights, set, ns)];
 }
 
 void
@@ -321,6 +463,8 @@ request_update_gauges(struct gateway *gw)
         const struct gw_upstream *u = &gw->ups[i];
         metrics_setf("dsgate_inflight", u->limit.inflight, "upstream=\"%s\"", u->conf->name);
         metrics_setf("dsgate_concurrency_limit", sched_limit_current(&u->limit),
+                     "upstream=\"%s\"", u->conf->name);
+        metrics_setf("dsgate_circuit_open", u->circuit.state == CIRCUIT_OPEN ? 1 : 0,
                      "upstream=\"%s\"", u->conf->name);
     }
 }
@@ -775,7 +919,14 @@ request_pump(struct gateway *gw)
         struct request *r = item_request(it);
         struct gw_upstream *up = pick_upstream(gw, r);
         if (!up) {
-            break;
+            struct gw_upstream *blocked = auth_blocked(r);
+            if (!blocked) {
+                break;
+            }
+            dequeued(r, now);
+            reply_auth_blocked(r, blocked);
+            request_finish(r);
+            continue;
         }
         dequeued(r, now);
         attempt(r, up);
@@ -799,10 +950,16 @@ can_retry(struct request *r, int64_t retry_after_ms)
         r->gw->draining) {
         return false;
     }
-    int64_t delay = retry_backoff_ms(c->retry.jitter, c->retry.base_ms, c->retry.cap_ms,
-                                     r->attempts - 1, r->prev_delay_ms, retry_random);
-    if (retry_after_ms > delay) {
-        delay = retry_after_ms < c->retry.cap_ms ? retry_after_ms : c->retry.cap_ms;
+    /* another upstream that has not failed this request goes at once */
+    r->tried |= (uint64_t)1 << r->up->idx;
+    bool move = alternative_exists(r);
+    int64_t delay = 0;
+    if (!move) {
+        delay = retry_backoff_ms(c->retry.jitter, c->retry.base_ms, c->retry.cap_ms,
+                                 r->backoffs, r->prev_delay_ms, retry_random);
+        if (retry_after_ms > delay) {
+            delay = retry_after_ms < c->retry.cap_ms ? retry_after_ms : c->retry.cap_ms;
+        }
     }
     int64_t deadline = r->t_start_us + c->queue.max_wait_ms * 1000;
     if (now + delay * 1000 >= deadline) {
@@ -813,6 +970,7 @@ can_retry(struct request *r, int64_t retry_after_ms)
         return false;
     }
     r->next_delay_ms = delay;
+    r->moving = move;
     return true;
 }
 
@@ -823,7 +981,12 @@ schedule_retry(struct request *r, const char *reason)
                  reason);
     log_msg(LOG_DEBUG, "req=%llu up=%s: retry %d in %lld ms (%s)", (unsigned long long)r->id,
             r->up->conf->name, r->attempts, (long long)r->next_delay_ms, reason);
-    r->prev_delay_ms = r->next_delay_ms;
+    if (!r->moving) {
+        /* every candidate failed: back off, then all may be tried again */
+        r->prev_delay_ms = r->next_delay_ms;
+        r->backoffs++;
+        r->tried = 0;
+    }
     head_defer_clear(r);
     r->phase = PH_BACKOFF;
     r->discarding = false;
@@ -875,6 +1038,7 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
     slot_release(r);
     sched_limit_feedback(&r->up->limit, true, http_now_us());
     count_attempt(r, "timeout");
+    circuit_result(r, ROUTE_FAILURE, kind == TIMER_FIRST_DATA ? "timeout" : "idle");
     if (kind == TIMER_FIRST_DATA && r->gw->conf->retry.on_timeout && can_retry(r, 0)) {
         schedule_retry(r, "timeout");
     } else if (kind == TIMER_FIRST_DATA) {
@@ -974,6 +1138,23 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         }
     }
     r->status = status;
+    enum route_outcome oc = route_classify_status(status);
+    char reason[8];
+    snprintf(reason, sizeof(reason), "%d", status);
+    circuit_result(r, oc, reason);
+    if (oc == ROUTE_AUTH_FAILURE) {
+        /* the account is at fault here: another upstream may still serve */
+        r->auth_failed = true;
+        if (!r->errbody) {
+            r->errbody = evbuffer_new();
+        }
+        r->tried |= (uint64_t)1 << r->up->idx;
+        if (alternative_exists(r) && can_retry(r, 0)) {
+            r->discarding = true;
+            r->retry_reason = "auth";
+            return UP_CONTINUE;
+        }
+    }
     if (retry_on_status(r->gw->conf, status)) {
         int64_t ra = retry_after_ms(retry_after, time(NULL));
         if (can_retry(r, ra)) {
@@ -1016,6 +1197,9 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         }
         out[no++] = hdrs[i];
     }
+    if (r->rewriting) {
+        clen = -1;                  /* the model name changes the length */
+    }
     snprintf(attempts, sizeof(attempts), "%d", r->attempts);
     snprintf(queue_ms, sizeof(queue_ms), "%lld", (long long)(r->queue_us / 1000));
     out[no++] = (struct http_header){ "X-Dsgate-Attempts", attempts };
@@ -1038,6 +1222,9 @@ on_data(void *arg, const char *data, size_t len)
 {
     struct request *r = arg;
 
+    if (r->auth_failed && r->errbody && evbuffer_get_length(r->errbody) + len <= 8192) {
+        evbuffer_add(r->errbody, data, len);
+    }
     if (r->discarding) {
         return UP_CONTINUE;
     }
@@ -1055,6 +1242,16 @@ on_data(void *arg, const char *data, size_t len)
         r->data_sent = true;
         timer_arm(r, TIMER_IDLE, r->up->conf->idle_ms);
     }
+    if (r->rewriting) {
+        return forward_rewritten(r, data, len, false);
+    }
+    return forward(r, data, len);
+}
+
+/* Pass answer bytes on: to the flight (followers, cache) and the client. */
+static int
+forward(struct request *r, const char *data, size_t len)
+{
     if (r->flight) {
         flight_append(r->flight, r->gw, data, len);
         if (r->headless && !r->flight) {
@@ -1082,6 +1279,29 @@ on_data(void *arg, const char *data, size_t len)
     return UP_CONTINUE;
 }
 
+static int
+forward_rewritten(struct request *r, const char *data, size_t len, bool flush)
+{
+    struct evbuffer *b = evbuffer_new();
+    int rc = UP_CONTINUE;
+
+    if (!b) {
+        return UP_ABORT;
+    }
+    if (len > 0) {
+        model_rewrite_feed(&r->mrw, data, len, b);
+    }
+    if (flush) {
+        model_rewrite_flush(&r->mrw, b);
+    }
+    size_t n = evbuffer_get_length(b);
+    if (n > 0) {
+        rc = forward(r, (const char *)evbuffer_pullup(b, -1), n);
+    }
+    evbuffer_free(b);
+    return rc;
+}
+
 static void
 on_done(void *arg, enum up_result res, const char *detail)
 {
@@ -1093,6 +1313,19 @@ on_done(void *arg, enum up_result res, const char *detail)
     r->xfer = NULL;
     timer_arm(r, TIMER_NONE, 0);
     slot_release(r);
+    if (r->auth_failed && res == UP_OK && r->errbody) {
+        /* keep the account's answer to replay while its circuit is open */
+        struct gw_upstream *u = r->up;
+        size_t n = evbuffer_get_length(r->errbody);
+        char *b = malloc(n + 1);
+        if (b) {
+            evbuffer_remove(r->errbody, b, n);
+            free(u->auth_body);
+            u->auth_body = b;
+            u->auth_body_len = n;
+            u->auth_status = r->status;
+        }
+    }
     if (res == UP_OK && r->discarding) {
         count_attempt(r, r->retry_reason);
         schedule_retry(r, r->retry_reason);
@@ -1104,6 +1337,9 @@ on_done(void *arg, enum up_result res, const char *detail)
     case UP_OK:
         count_attempt(r, r->status < 400 ? "ok" : r->status < 500 ? "4xx" : "5xx");
         r->end = "completed";
+        if (r->rewriting) {
+            forward_rewritten(r, NULL, 0, true);
+        }
         if (r->hreq && r->head_deferred) {
             head_send(r);           /* an empty (or all white space) body */
         }
@@ -1119,6 +1355,7 @@ on_done(void *arg, enum up_result res, const char *detail)
         break;
     case UP_CONNECT:
         count_attempt(r, "connect_error");
+        circuit_result(r, ROUTE_FAILURE, "connect");
         log_msg(LOG_WARN, "req=%llu up=%s: cannot reach upstream: %s", (unsigned long long)r->id,
                 name, detail);
         if (c->retry.on_connect && can_retry(r, 0)) {
@@ -1130,6 +1367,7 @@ on_done(void *arg, enum up_result res, const char *detail)
         break;
     case UP_TIMEOUT:
         count_attempt(r, "timeout");
+        circuit_result(r, ROUTE_FAILURE, "timeout");
         sched_limit_feedback(&r->up->limit, true, http_now_us());
         log_msg(LOG_WARN, "req=%llu up=%s: upstream timed out: %s", (unsigned long long)r->id,
                 name, detail);
@@ -1142,6 +1380,7 @@ on_done(void *arg, enum up_result res, const char *detail)
         break;
     case UP_BROKEN:
         count_attempt(r, "broken");
+        circuit_result(r, ROUTE_FAILURE, "broken");
         log_msg(LOG_WARN, "req=%llu up=%s: upstream broke: %s", (unsigned long long)r->id, name,
                 detail);
         if ((r->discarding || (before_data && !http_reply_started(r->hreq))) &&
@@ -1161,6 +1400,7 @@ on_done(void *arg, enum up_result res, const char *detail)
             fail(r, 502, "upstream_error", msg, "upstream_error");
         } else {
             count_attempt(r, "client_closed");
+            circuit_result(r, ROUTE_NEUTRAL, "");
             if (!r->end) {
                 r->end = "client_closed";
             }
@@ -1215,6 +1455,7 @@ on_client_close(void *arg)
         upstream_cancel(r->xfer);
         r->xfer = NULL;
         count_attempt(r, "client_closed");
+        circuit_result(r, ROUTE_NEUTRAL, "");
     }
     struct request *orphan = NULL;
     if (r->flight && r->flight->leader != r) {
@@ -1334,7 +1575,52 @@ request_finish(struct request *r)
     free(r->path);
     free(r->target);
     free(r->url);
+    free(r->model);
+    free(r->send_body);
+    json_decref(r->doc);
+    if (r->rewriting) {
+        model_rewrite_free(&r->mrw);
+    }
+    if (r->errbody) {
+        evbuffer_free(r->errbody);
+    }
     free(r);
+}
+
+/*
+ * An upstream with a models map gets its own name for the model: the body
+ * is re-serialised for it (the only case), and its answers are rewritten
+ * back to the client's name.
+ */
+static int
+rename_model(struct request *r)
+{
+    free(r->send_body);
+    r->send_body = NULL;
+    if (r->rewriting) {
+        model_rewrite_free(&r->mrw);
+        r->rewriting = false;
+    }
+    const char *to = r->model ? route_model_for(r->up->conf, r->model) : NULL;
+    if (!to || strcmp(to, r->model) == 0 || !r->doc) {
+        return 0;
+    }
+    json_t *copy = json_copy(r->doc);
+    if (!copy || json_object_set_new(copy, "model", json_string(to)) < 0) {
+        json_decref(copy);
+        return -1;
+    }
+    r->send_body = json_dumps(copy, JSON_COMPACT);
+    json_decref(copy);
+    if (!r->send_body) {
+        return -1;
+    }
+    r->send_len = strlen(r->send_body);
+    if (model_rewrite_init(&r->mrw, to, r->model) < 0) {
+        return -1;
+    }
+    r->rewriting = true;
+    return 0;
 }
 
 static void
@@ -1355,7 +1641,7 @@ attempt(struct request *r, struct gw_upstream *up)
         }
         snprintf(r->url, ul, "%s%s", up->conf->url, r->target);
         r->up = up;
-        if (build_forward_headers(r) < 0) {
+        if (build_forward_headers(r) < 0 || rename_model(r) < 0) {
             fail(r, 500, "out_of_memory", "out of memory", "internal_error");
             request_finish(r);
             return;
@@ -1366,8 +1652,8 @@ attempt(struct request *r, struct gw_upstream *up)
         .method = r->method,
         .url = r->url,
         .headers = r->fwd,
-        .body = r->body,
-        .body_len = r->body_len,
+        .body = r->send_body ? r->send_body : r->body,
+        .body_len = r->send_body ? r->send_len : r->body_len,
         .connect_ms = uc->connect_ms,
         .total_ms = uc->total_ms,
         .ca_file = uc->ca_file,
@@ -1387,8 +1673,67 @@ attempt(struct request *r, struct gw_upstream *up)
         return;
     }
     sched_limit_acquire(&up->limit);
+    circuit_on_send(&up->circuit);
     r->slot_held = true;
+    r->auth_failed = false;
     timer_arm(r, TIMER_FIRST_DATA, uc->first_data_ms);
+}
+
+static bool
+any_eligible(const struct request *r)
+{
+    for (size_t i = 0; i < r->gw->nups; i++) {
+        if (eligible(r, &r->gw->ups[i])) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Could this request start now (without choosing)? */
+static bool
+slot_free(struct gateway *gw, const struct request *r)
+{
+    int64_t now = http_now_us();
+
+    for (size_t i = 0; i < gw->nups; i++) {
+        struct gw_upstream *u = &gw->ups[i];
+        if (eligible(r, u) && circuit_usable(&u->circuit, now) &&
+            sched_limit_available(&u->limit)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* 404 naming the models the configured upstreams take. */
+static void
+reply_unknown_model(struct request *r)
+{
+    struct evbuffer *b = evbuffer_new();
+    const char *list = "";
+
+    if (b) {
+        for (size_t i = 0; i < r->gw->nups; i++) {
+            const struct conf_upstream *u = r->gw->ups[i].conf;
+            for (size_t j = 0; j < u->nmodels; j++) {
+                evbuffer_add_printf(b, "%s%s", evbuffer_get_length(b) ? ", " : "",
+                                    u->models[j].from);
+            }
+        }
+        evbuffer_add(b, "", 1);
+        list = (const char *)evbuffer_pullup(b, -1);
+    }
+    char msg[1024];
+    snprintf(msg, sizeof(msg), "The model `%s` does not exist; available models: %s", r->model,
+             list);
+    r->status = 404;
+    r->end = "unknown_model";
+    http_reply_error(r->hreq, 404, "invalid_request_error", "model_not_found", msg);
+    r->hreq = NULL;
+    if (b) {
+        evbuffer_free(b);
+    }
 }
 
 /* Shared by identical requests, queued, or refused: the way upstream. */
@@ -1398,6 +1743,17 @@ dispatch(struct request *r)
     struct gateway *gw = r->gw;
 
     if (!r->hreq) {
+        request_finish(r);
+        return;
+    }
+    if (!any_eligible(r)) {
+        reply_unknown_model(r);
+        request_finish(r);
+        return;
+    }
+    struct gw_upstream *blocked = auth_blocked(r);
+    if (blocked) {
+        reply_auth_blocked(r, blocked);
         request_finish(r);
         return;
     }
@@ -1413,7 +1769,7 @@ dispatch(struct request *r)
     }
     /* admission: a full queue refuses, or sheds its newest lower-class request */
     if (gw->queue.total >= (size_t)gw->conf->queue.max_queued &&
-        !(gw->queue.total == 0 && pick_upstream(gw, r))) {
+        !(gw->queue.total == 0 && slot_free(gw, r))) {
         struct sched_item *victim = sched_queue_victim(&gw->queue, r->prio);
         if (!victim) {
             metrics_addf("dsgate_queue_rejected_total", 1, "reason=\"full\"");
@@ -1495,6 +1851,13 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
         }
     }
     r->body = http_req_take_body(hreq, &r->body_len);
+    const json_t *model = doc ? json_object_get(doc, "model") : NULL;
+    if (json_is_string(model)) {
+        r->model = strdup(json_string_value(model));
+        if (gw->has_aliases) {
+            r->doc = json_incref((json_t *)doc);
+        }
+    }
 
     if (r->lookup) {
         struct cache_entry *e = cache_mem_get(gw->mem, r->key, cache_now_ms());

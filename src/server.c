@@ -10,6 +10,7 @@
 #include <strings.h>
 
 #include <event2/buffer.h>
+#include <event2/event.h>
 #include <jansson.h>
 
 #include "gateway.h"
@@ -34,7 +35,13 @@ static void
 reply_readyz(struct gateway *gw, struct http_req *req)
 {
     struct evbuffer *b = evbuffer_new();
-    bool ready = !gw->draining && gw->nups > 0;
+    int64_t now = http_now_us();
+    bool ready = false;
+
+    for (size_t i = 0; i < gw->nups; i++) {
+        ready |= circuit_usable(&gw->ups[i].circuit, now);
+    }
+    ready = ready && !gw->draining;
 
     if (!b) {
         http_reply_error(req, 500, "internal_error", "out_of_memory", "out of memory");
@@ -45,7 +52,9 @@ reply_readyz(struct gateway *gw, struct http_req *req)
         const struct gw_upstream *u = &gw->ups[i];
         evbuffer_add_printf(b, "%s{\"name\":\"", i ? "," : "");
         log_json_escape(b, u->conf->name);
-        evbuffer_add_printf(b, "\",\"state\":\"closed\",\"reason\":\"\",\"inflight\":%d,\"limit\":%d}",
+        evbuffer_add_printf(b, "\",\"state\":\"%s\",\"reason\":\"%s\",\"inflight\":%d,"
+                            "\"limit\":%d}",
+                            circuit_state_name(u->circuit.state), u->circuit.reason,
                             u->limit.inflight, sched_limit_current(&u->limit));
     }
     evbuffer_add_printf(b, "]}\n");
@@ -158,6 +167,10 @@ server_handle(struct http_req *req, void *arg)
             prio = ceiling;
         }
     }
+    if (models_wanted(gw, req)) {
+        models_handle(gw, req);
+        return;
+    }
     json_t *doc = NULL;
     if (strcmp(req->method, "POST") == 0 && path_is(c, req->path)) {
         json_error_t jerr;
@@ -187,7 +200,16 @@ gateway_setup_upstreams(struct gateway *gw)
     for (size_t i = 0; i < c->nupstreams; i++) {
         const struct conf_upstream *uc = &c->upstreams[i];
         ups[i].conf = uc;
+        ups[i].idx = i;
+        ups[i].gw = gw;
         sched_limit_init(&ups[i].limit, uc->max_inflight, uc->adaptive);
+        circuit_init(&ups[i].circuit);
+        ups[i].wake = evtimer_new(gw->base, request_wake_cb, &ups[i]);
+        if (!ups[i].wake) {
+            free(ups);
+            return -1;
+        }
+        gw->has_aliases |= uc->nmodels > 0;
         const char *key = uc->api_key_env[0] ? getenv(uc->api_key_env) : NULL;
         if (key && *key) {
             size_t n = strlen(key) + 32;
@@ -239,6 +261,10 @@ gateway_free_upstreams(struct gateway *gw)
             explicit_bzero(gw->ups[i].auth_header, strlen(gw->ups[i].auth_header));
             free(gw->ups[i].auth_header);
         }
+        if (gw->ups[i].wake) {
+            event_free(gw->ups[i].wake);
+        }
+        free(gw->ups[i].auth_body);
     }
     free(gw->ups);
     gw->ups = NULL;
