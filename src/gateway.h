@@ -26,14 +26,30 @@ struct flight;
 struct http_server;
 struct store;
 struct http_req;
+struct request;
 struct upstream_ctx;
 
+/*
+ * An upstream's run-time state.  Reference counted: the gateway holds one
+ * reference while the upstream is configured, each request that uses it
+ * another; a reload keeps the object of an upstream that keeps its name
+ * (limits, circuit and counters carry over) and points it at the new
+ * configuration.
+ */
+struct conf_ref {
+    struct conf *conf;
+    int refs;
+};
+
 struct gw_upstream {
+    int refs;
+    struct conf_ref *cref;      /* keeps the configuration CONF points into alive */
     const struct conf_upstream *conf;
     size_t idx;                 /* position in gateway.ups */
     char *auth_header;          /* "Authorization: Bearer <key>" or NULL; secret */
     struct sched_limit limit;   /* in flight and the adaptive limit */
     struct circuit circuit;
+    int64_t swrr;               /* smooth weighted round robin state */
     struct event *wake;         /* pumps the queue when an open circuit may close */
     struct gateway *gw;
     /* the answer that opened the circuit on 401/402/403, replayed while it is open */
@@ -50,12 +66,12 @@ struct gw_client {
 
 struct gateway {
     struct event_base *base;
-    struct conf *conf;
+    struct conf *conf;          /* current: cref->conf */
+    struct conf_ref *cref;
     struct upstream_ctx *up;
     struct http_server *srv;
-    struct gw_upstream *ups;
+    struct gw_upstream **ups;
     size_t nups;
-    int64_t swrr[ROUTE_MAX_UPSTREAMS];  /* smooth weighted round robin state */
     bool has_aliases;           /* some upstream has a models map */
     struct gw_client *clients;  /* those whose token variable is set */
     size_t nclients;
@@ -68,15 +84,29 @@ struct gateway {
     size_t nflight_buckets;
     struct retry_budget budget;
     size_t live_requests;
+    struct request *live;       /* every request not yet finished */
     bool draining;
 };
 
-/* Build the per-upstream state for GW->conf (keys read from the environment). */
-int gateway_setup_upstreams(struct gateway *gw);
-void gateway_free_upstreams(struct gateway *gw);
+/*
+ * Make C the gateway's configuration (takes ownership of C): at start-up
+ * and on reload.  Upstreams are matched by name; keys and client tokens
+ * are read from the environment again.  0, or -1 (nothing changed).
+ */
+int gateway_apply(struct gateway *gw, struct conf *c);
+void gateway_free(struct gateway *gw);
+struct http_limits;
+void gateway_limits(const struct conf *c, struct http_limits *l);
+void gw_upstream_ref(struct gw_upstream *u);
+void gw_upstream_unref(struct gw_upstream *u);
 
 /* The front door: every request from http.c lands here. */
 void server_handle(struct http_req *req, void *arg);
+/* admin_listen: only /metrics, /healthz and /readyz. */
+void server_handle_admin(struct http_req *req, void *arg);
+
+/* At exit: every request still queued or in flight gets an answer now. */
+void request_shutdown(struct gateway *gw);
 
 /*
  * Proxy an admitted request (request.c).  Takes over REQ.  DOC is the
@@ -84,7 +114,7 @@ void server_handle(struct http_req *req, void *arg);
  */
 void request_start(struct gateway *gw, struct http_req *req, enum prio prio, const void *doc);
 
-/* Set up and tear down the cache tiers and the in-flight table. */
+/* Set up and tear down the table of cacheable requests in flight. */
 int request_cache_setup(struct gateway *gw);
 void request_cache_free(struct gateway *gw);
 

@@ -70,7 +70,7 @@ models_reply(struct models_fetch *mf)
     json_t *data = json_array(), *seen = json_object();
 
     for (size_t i = 0; i < gw->nups; i++) {
-        const struct conf_upstream *u = gw->ups[i].conf;
+        const struct conf_upstream *u = gw->ups[i]->conf;
         for (size_t j = 0; j < u->nmodels; j++) {
             add_model(data, seen, u->models[j].from, u->name);
         }
@@ -130,6 +130,9 @@ models_fetch_free(struct models_fetch *mf)
             free(p->auth);
         }
         free(p->url);
+        if (p->up) {
+            gw_upstream_unref(p->up);
+        }
     }
     free(mf);
 }
@@ -204,13 +207,14 @@ models_handle(struct gateway *gw, struct http_req *req)
     mf->req = req;
     const char *client_auth = http_req_header(req, "Authorization");
     for (size_t i = 0; i < gw->nups; i++) {
-        struct gw_upstream *u = &gw->ups[i];
+        struct gw_upstream *u = gw->ups[i];
         if (u->conf->nmodels > 0 || !circuit_usable(&u->circuit, http_now_us())) {
             continue;               /* aliases only, or known to be down */
         }
         struct models_part *p = &mf->parts[mf->nparts];
         p->mf = mf;
         p->up = u;
+        gw_upstream_ref(u);
         p->body = evbuffer_new();
         size_t ul = strlen(u->conf->url) + strlen(req->target) + 1;
         p->url = malloc(ul);

@@ -91,6 +91,7 @@ struct flight {
 struct request {
     struct sched_item item;     /* first: the queue links requests through it */
     struct gateway *gw;
+    struct request *lprev, *lnext;  /* the gateway's live requests */
     struct http_req *hreq;
     uint64_t id;
     char method[16];
@@ -371,7 +372,7 @@ auth_blocked(struct request *r)
     int64_t now = http_now_us();
 
     for (size_t i = 0; i < r->gw->nups; i++) {
-        struct gw_upstream *u = &r->gw->ups[i];
+        struct gw_upstream *u = r->gw->ups[i];
         if (!eligible(r, u)) {
             continue;
         }
@@ -409,7 +410,7 @@ alternative_exists(struct request *r)
     int64_t now = http_now_us();
 
     for (size_t i = 0; i < r->gw->nups; i++) {
-        struct gw_upstream *u = &r->gw->ups[i];
+        struct gw_upstream *u = r->gw->ups[i];
         if (!(r->tried & ((uint64_t)1 << i)) && eligible(r, u) && circuit_usable(&u->circuit, now)) {
             return true;
         }
@@ -429,7 +430,7 @@ pick_upstream(struct gateway *gw, struct request *r)
     int64_t now = http_now_us();
 
     for (size_t i = 0; i < gw->nups; i++) {
-        struct gw_upstream *u = &gw->ups[i];
+        struct gw_upstream *u = gw->ups[i];
         weights[i] = u->conf->weight;
         if (!eligible(r, u) || !circuit_usable(&u->circuit, now) ||
             !sched_limit_available(&u->limit)) {
@@ -446,9 +447,17 @@ pick_upstream(struct gateway *gw, struct request *r)
     const size_t *set = nf > 0 ? fresh : cand;
     size_t ns = nf > 0 ? nf : n;
     if (gw->conf->routing == ROUTING_FAILOVER || ns == 1) {
-        return &gw->ups[set[0]];
+        return gw->ups[set[0]];
     }
-    return &gw->ups[route_swrr_pick(gw->swrr, weights, set, ns)];
+    int64_t cur[ROUTE_MAX_UPSTREAMS];
+    for (size_t i = 0; i < gw->nups; i++) {
+        cur[i] = gw->ups[i]->swrr;
+    }
+    size_t k = route_swrr_pick(cur, weights, set, ns);
+    for (size_t i = 0; i < gw->nups; i++) {
+        gw->ups[i]->swrr = cur[i];
+    }
+    return gw->ups[k];
 }
 
 void
@@ -460,7 +469,7 @@ request_update_gauges(struct gateway *gw)
         metrics_setf("dsgate_queue_depth", (double)gw->queue.depth[p], "priority=\"%s\"", pn[p]);
     }
     for (size_t i = 0; i < gw->nups; i++) {
-        const struct gw_upstream *u = &gw->ups[i];
+        const struct gw_upstream *u = gw->ups[i];
         metrics_setf("dsgate_inflight", u->limit.inflight, "upstream=\"%s\"", u->conf->name);
         metrics_setf("dsgate_concurrency_limit", sched_limit_current(&u->limit),
                      "upstream=\"%s\"", u->conf->name);
@@ -1565,6 +1574,14 @@ request_finish(struct request *r)
     metrics_observe("dsgate_request_duration_seconds", NULL,
                     (double)(http_now_us() - r->t_start_us) / 1e6);
     r->gw->live_requests--;
+    if (r->lprev) {
+        r->lprev->lnext = r->lnext;
+    } else {
+        r->gw->live = r->lnext;
+    }
+    if (r->lnext) {
+        r->lnext->lprev = r->lprev;
+    }
     if (r->timer) {
         event_free(r->timer);
     }
@@ -1575,6 +1592,9 @@ request_finish(struct request *r)
     free(r->path);
     free(r->target);
     free(r->url);
+    if (r->up) {
+        gw_upstream_unref(r->up);
+    }
     free(r->model);
     free(r->send_body);
     json_decref(r->doc);
@@ -1640,6 +1660,10 @@ attempt(struct request *r, struct gw_upstream *up)
             return;
         }
         snprintf(r->url, ul, "%s%s", up->conf->url, r->target);
+        gw_upstream_ref(up);
+        if (r->up) {
+            gw_upstream_unref(r->up);
+        }
         r->up = up;
         if (build_forward_headers(r) < 0 || rename_model(r) < 0) {
             fail(r, 500, "out_of_memory", "out of memory", "internal_error");
@@ -1683,7 +1707,7 @@ static bool
 any_eligible(const struct request *r)
 {
     for (size_t i = 0; i < r->gw->nups; i++) {
-        if (eligible(r, &r->gw->ups[i])) {
+        if (eligible(r, r->gw->ups[i])) {
             return true;
         }
     }
@@ -1697,7 +1721,7 @@ slot_free(struct gateway *gw, const struct request *r)
     int64_t now = http_now_us();
 
     for (size_t i = 0; i < gw->nups; i++) {
-        struct gw_upstream *u = &gw->ups[i];
+        struct gw_upstream *u = gw->ups[i];
         if (eligible(r, u) && circuit_usable(&u->circuit, now) &&
             sched_limit_available(&u->limit)) {
             return true;
@@ -1715,7 +1739,7 @@ reply_unknown_model(struct request *r)
 
     if (b) {
         for (size_t i = 0; i < r->gw->nups; i++) {
-            const struct conf_upstream *u = r->gw->ups[i].conf;
+            const struct conf_upstream *u = r->gw->ups[i]->conf;
             for (size_t j = 0; j < u->nmodels; j++) {
                 evbuffer_add_printf(b, "%s%s", evbuffer_get_length(b) ? ", " : "",
                                     u->models[j].from);
@@ -1830,6 +1854,11 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
     r->target = strdup(hreq->target);
     r->timer = evtimer_new(gw->base, timer_cb, r);
     gw->live_requests++;
+    r->lnext = gw->live;
+    if (gw->live) {
+        gw->live->lprev = r;
+    }
+    gw->live = r;
     if (!r->path || !r->target || !r->timer) {
         fail(r, 500, "out_of_memory", "out of memory", "internal_error");
         request_finish(r);
@@ -1879,39 +1908,33 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
 int
 request_cache_setup(struct gateway *gw)
 {
-    const struct conf *c = gw->conf;
-    size_t gl = 1;
-
-    for (size_t i = 0; i < c->nupstreams; i++) {
-        gl += strlen(c->upstreams[i].name) + 1;
-    }
-    gw->cache_group = calloc(1, gl);
     gw->flights = calloc(FLIGHT_BUCKETS, sizeof(*gw->flights));
-    gw->mem = cache_mem_new((size_t)c->cache.max_entries, (size_t)c->cache.max_bytes);
-    if (!gw->cache_group || !gw->flights || !gw->mem) {
-        return -1;
-    }
-    for (size_t i = 0; i < c->nupstreams; i++) {
-        strcat(gw->cache_group, c->upstreams[i].name);
-        strcat(gw->cache_group, ",");
-    }
     gw->nflight_buckets = FLIGHT_BUCKETS;
-    if (c->cache.enabled && c->cache.redis_url[0]) {
-        gw->store = store_new(gw->base, c->cache.redis_url, c->cache.redis_prefix,
-                              c->cache.redis_timeout_ms);
-    }
-    return 0;
+    return gw->flights ? 0 : -1;
 }
 
 void
 request_cache_free(struct gateway *gw)
 {
-    store_free(gw->store);
-    gw->store = NULL;
-    cache_mem_free(gw->mem);
-    gw->mem = NULL;
     free(gw->flights);
     gw->flights = NULL;
-    free(gw->cache_group);
-    gw->cache_group = NULL;
+}
+
+void
+request_shutdown(struct gateway *gw)
+{
+    gw->draining = true;
+    while (gw->live) {
+        struct request *r = gw->live;
+        if (r->phase == PH_QUEUED) {
+            dequeued(r, http_now_us());
+        }
+        if (r->xfer) {
+            upstream_cancel(r->xfer);
+            r->xfer = NULL;
+        }
+        r->headless = false;
+        fail(r, 503, "shutting_down", "dsgate is shutting down; retry", "shutdown");
+        request_finish(r);
+    }
 }

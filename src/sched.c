@@ -110,9 +110,11 @@ sched_limit_init(struct sched_limit *l, int max_inflight, bool adaptive)
 void
 sched_limit_configure(struct sched_limit *l, int max_inflight, bool adaptive)
 {
+    /* an unreduced limit follows the new maximum; a reduced one keeps its level */
+    bool at_max = l->limit >= l->max_inflight;
     l->max_inflight = max_inflight;
     l->adaptive = adaptive;
-    if (!adaptive || l->limit > max_inflight) {
+    if (!adaptive || at_max || l->limit > max_inflight) {
         l->limit = max_inflight;
     }
 }

@@ -39,7 +39,7 @@ reply_readyz(struct gateway *gw, struct http_req *req)
     bool ready = false;
 
     for (size_t i = 0; i < gw->nups; i++) {
-        ready |= circuit_usable(&gw->ups[i].circuit, now);
+        ready |= circuit_usable(&gw->ups[i]->circuit, now);
     }
     ready = ready && !gw->draining;
 
@@ -49,7 +49,7 @@ reply_readyz(struct gateway *gw, struct http_req *req)
     }
     evbuffer_add_printf(b, "{\"ready\":%s,\"upstreams\":[", ready ? "true" : "false");
     for (size_t i = 0; i < gw->nups; i++) {
-        const struct gw_upstream *u = &gw->ups[i];
+        const struct gw_upstream *u = gw->ups[i];
         evbuffer_add_printf(b, "%s{\"name\":\"", i ? "," : "");
         log_json_escape(b, u->conf->name);
         evbuffer_add_printf(b, "\",\"state\":\"%s\",\"reason\":\"%s\",\"inflight\":%d,"
@@ -116,6 +116,38 @@ client_find(const struct gateway *gw, const struct http_req *req)
     return found;
 }
 
+/* /healthz, /readyz, /metrics; false when REQ is not for them. */
+static bool
+own_endpoint(struct gateway *gw, struct http_req *req)
+{
+    if (strcmp(req->method, "GET") != 0 && strcmp(req->method, "HEAD") != 0) {
+        return false;
+    }
+    if (strcmp(req->path, "/healthz") == 0) {
+        static const char ok[] = "{\"status\":\"ok\"}\n";
+        http_reply(req, 200, json_ct, 1, ok, sizeof(ok) - 1);
+        return true;
+    }
+    if (strcmp(req->path, "/readyz") == 0) {
+        reply_readyz(gw, req);
+        return true;
+    }
+    if (strcmp(req->path, "/metrics") == 0) {
+        reply_metrics(gw, req);
+        return true;
+    }
+    return false;
+}
+
+void
+server_handle_admin(struct http_req *req, void *arg)
+{
+    if (!own_endpoint(arg, req)) {
+        http_reply_error(req, 404, "invalid_request_error", "not_found",
+                         "the admin address serves /metrics, /healthz and /readyz only");
+    }
+}
+
 void
 server_handle(struct http_req *req, void *arg)
 {
@@ -123,20 +155,8 @@ server_handle(struct http_req *req, void *arg)
     const struct conf *c = gw->conf;
     enum prio prio = c->queue.default_priority;
 
-    if (strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0) {
-        if (strcmp(req->path, "/healthz") == 0) {
-            static const char ok[] = "{\"status\":\"ok\"}\n";
-            http_reply(req, 200, json_ct, 1, ok, sizeof(ok) - 1);
-            return;
-        }
-        if (strcmp(req->path, "/readyz") == 0) {
-            reply_readyz(gw, req);
-            return;
-        }
-        if (strcmp(req->path, "/metrics") == 0) {
-            reply_metrics(gw, req);
-            return;
-        }
+    if (own_endpoint(gw, req)) {
+        return;
     }
     if (gw->draining) {
         http_reply_error(req, 503, "server_busy", "shutting_down", "dsgate is shutting down");
@@ -186,94 +206,4 @@ server_handle(struct http_req *req, void *arg)
     }
     request_start(gw, req, prio, doc);
     json_decref(doc);
-}
-
-int
-gateway_setup_upstreams(struct gateway *gw)
-{
-    const struct conf *c = gw->conf;
-    struct gw_upstream *ups = calloc(c->nupstreams, sizeof(*ups));
-
-    if (!ups) {
-        return -1;
-    }
-    for (size_t i = 0; i < c->nupstreams; i++) {
-        const struct conf_upstream *uc = &c->upstreams[i];
-        ups[i].conf = uc;
-        ups[i].idx = i;
-        ups[i].gw = gw;
-        sched_limit_init(&ups[i].limit, uc->max_inflight, uc->adaptive);
-        circuit_init(&ups[i].circuit);
-        ups[i].wake = evtimer_new(gw->base, request_wake_cb, &ups[i]);
-        if (!ups[i].wake) {
-            free(ups);
-            return -1;
-        }
-        gw->has_aliases |= uc->nmodels > 0;
-        const char *key = uc->api_key_env[0] ? getenv(uc->api_key_env) : NULL;
-        if (key && *key) {
-            size_t n = strlen(key) + 32;
-            ups[i].auth_header = malloc(n);
-            if (!ups[i].auth_header) {
-                free(ups);
-                return -1;
-            }
-            snprintf(ups[i].auth_header, n, "Authorization: Bearer %s", key);
-        }
-    }
-    gw->ups = ups;
-    gw->nups = c->nupstreams;
-
-    gw->clients = calloc(c->nclients ? c->nclients : 1, sizeof(*gw->clients));
-    if (!gw->clients) {
-        return -1;
-    }
-    for (size_t i = 0; i < c->nclients; i++) {
-        const char *tok = getenv(c->clients[i].token_env);
-        if (!tok || !*tok) {
-            log_msg(LOG_WARN, "clients[%zu]: variable %s is not set; that client cannot log in",
-                    i, c->clients[i].token_env);
-            tok = NULL;
-        }
-        gw->clients[gw->nclients].token = tok ? strdup(tok) : NULL;
-        if (tok && !gw->clients[gw->nclients].token) {
-            return -1;
-        }
-        if (!tok) {
-            continue;
-        }
-        gw->clients[gw->nclients].token_len = strlen(tok);
-        gw->clients[gw->nclients].priority = c->clients[i].priority;
-        gw->nclients++;
-    }
-    gw->require_client = c->nclients > 0;
-    if (gw->require_client && gw->nclients == 0) {
-        log_msg(LOG_WARN, "no client token is set: every proxied request will get 401");
-    }
-    return 0;
-}
-
-void
-gateway_free_upstreams(struct gateway *gw)
-{
-    for (size_t i = 0; i < gw->nups; i++) {
-        if (gw->ups[i].auth_header) {
-            explicit_bzero(gw->ups[i].auth_header, strlen(gw->ups[i].auth_header));
-            free(gw->ups[i].auth_header);
-        }
-        if (gw->ups[i].wake) {
-            event_free(gw->ups[i].wake);
-        }
-        free(gw->ups[i].auth_body);
-    }
-    free(gw->ups);
-    gw->ups = NULL;
-    gw->nups = 0;
-    for (size_t i = 0; i < gw->nclients; i++) {
-        explicit_bzero(gw->clients[i].token, gw->clients[i].token_len);
-        free(gw->clients[i].token);
-    }
-    free(gw->clients);
-    gw->clients = NULL;
-    gw->nclients = 0;
 }

@@ -1,0 +1,281 @@
+/*
+ * gateway: applying a configuration to the running process, at start-up
+ * and on SIGHUP.
+ *
+ * Upstreams are matched by name: one that stays keeps its run-time object
+ * (in-flight count, adaptive limit, circuit), pointed at the new settings;
+ * one that goes is dropped from the list and freed when its last request
+ * ends; a new one starts fresh.  The old configuration lives as long as an
+ * upstream object still points into it (struct conf_ref).  The cache tiers
+ * take their new bounds; a changed Redis URL gets a new connection.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/event.h>
+
+#include "cache.h"
+#include "gateway.h"
+#include "http.h"
+#include "log.h"
+#include "store.h"
+
+static void
+conf_ref_unref(struct conf_ref *cr)
+{
+    if (cr && --cr->refs == 0) {
+        conf_free(cr->conf);
+        free(cr);
+    }
+}
+
+static void
+secret_free(char *s)
+{
+    if (s) {
+        explicit_bzero(s, strlen(s));
+        free(s);
+    }
+}
+
+void
+gw_upstream_ref(struct gw_upstream *u)
+{
+    u->refs++;
+}
+
+void
+gw_upstream_unref(struct gw_upstream *u)
+{
+    if (--u->refs > 0) {
+        return;
+    }
+    secret_free(u->auth_header);
+    if (u->wake) {
+        event_free(u->wake);
+    }
+    free(u->auth_body);
+    conf_ref_unref(u->cref);
+    free(u);
+}
+
+/* "Authorization: Bearer KEY" from the upstream's variable, or NULL. */
+static char *
+auth_header_for(const struct conf_upstream *uc)
+{
+    const char *key = uc->api_key_env[0] ? getenv(uc->api_key_env) : NULL;
+
+    if (!key || !*key) {
+        return NULL;
+    }
+    size_t n = strlen(key) + 32;
+    char *h = malloc(n);
+    if (h) {
+        snprintf(h, n, "Authorization: Bearer %s", key);
+    }
+    return h;
+}
+
+static struct gw_upstream *
+find_upstream(struct gateway *gw, const char *name)
+{
+    for (size_t i = 0; i < gw->nups; i++) {
+        if (strcmp(gw->ups[i]->conf->name, name) == 0) {
+            return gw->ups[i];
+        }
+    }
+    return NULL;
+}
+
+static void
+clients_free(struct gw_client *cl, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (cl[i].token) {
+            explicit_bzero(cl[i].token, cl[i].token_len);
+            free(cl[i].token);
+        }
+    }
+    free(cl);
+}
+
+/* Client tokens from the variables the configuration names. */
+static int
+clients_build(const struct conf *c, struct gw_client **out, size_t *nout)
+{
+    struct gw_client *cl = calloc(c->nclients ? c->nclients : 1, sizeof(*cl));
+    size_t n = 0;
+
+    if (!cl) {
+        return -1;
+    }
+    for (size_t i = 0; i < c->nclients; i++) {
+        const char *tok = getenv(c->clients[i].token_env);
+        if (!tok || !*tok) {
+            log_msg(LOG_WARN, "clients[%zu]: variable %s is not set; that client cannot log in",
+                    i, c->clients[i].token_env);
+            continue;
+        }
+        cl[n].token = strdup(tok);
+        if (!cl[n].token) {
+            clients_free(cl, n);
+            return -1;
+        }
+        cl[n].token_len = strlen(tok);
+        cl[n].priority = c->clients[i].priority;
+        n++;
+    }
+    if (c->nclients > 0 && n == 0) {
+        log_msg(LOG_WARN, "no client token is set: every proxied request will get 401");
+    }
+    *out = cl;
+    *nout = n;
+    return 0;
+}
+
+static char *
+cache_group_of(const struct conf *c)
+{
+    size_t gl = 1;
+
+    for (size_t i = 0; i < c->nupstreams; i++) {
+        gl += strlen(c->upstreams[i].name) + 1;
+    }
+    char *g = calloc(1, gl);
+    if (g) {
+        for (size_t i = 0; i < c->nupstreams; i++) {
+            strcat(g, c->upstreams[i].name);
+            strcat(g, ",");
+        }
+    }
+    return g;
+}
+
+int
+gateway_apply(struct gateway *gw, struct conf *c)
+{
+    struct conf_ref *cref = calloc(1, sizeof(*cref));
+    struct gw_upstream **ups = calloc(c->nupstreams, sizeof(*ups));
+    struct gw_client *clients = NULL;
+    size_t nclients = 0;
+    char *group = cache_group_of(c);
+
+    if (!cref || !ups || !group || clients_build(c, &clients, &nclients) < 0) {
+        free(cref);
+        free(ups);
+        free(group);
+        conf_free(c);
+        return -1;
+    }
+    cref->conf = c;
+    cref->refs = 1;                 /* the gateway's */
+
+    /* upstreams: keep the objects of those that stay */
+    bool has_aliases = false;
+    for (size_t i = 0; i < c->nupstreams; i++) {
+        const struct conf_upstream *uc = &c->upstreams[i];
+        struct gw_upstream *u = find_upstream(gw, uc->name);
+        if (u) {
+            gw_upstream_ref(u);
+            sched_limit_configure(&u->limit, uc->max_inflight, uc->adaptive);
+            secret_free(u->auth_header);
+            conf_ref_unref(u->cref);
+        } else {
+            u = calloc(1, sizeof(*u));
+            if (!u) {
+                log_msg(LOG_ERROR, "out of memory applying the configuration");
+                abort();
+            }
+            u->refs = 1;
+            u->gw = gw;
+            sched_limit_init(&u->limit, uc->max_inflight, uc->adaptive);
+            circuit_init(&u->circuit);
+            u->wake = evtimer_new(gw->base, request_wake_cb, u);
+        }
+        u->conf = uc;
+        u->cref = cref;
+        cref->refs++;
+        u->idx = i;
+        u->auth_header = auth_header_for(uc);
+        has_aliases |= uc->nmodels > 0;
+        ups[i] = u;
+    }
+    for (size_t i = 0; i < gw->nups; i++) {
+        gw_upstream_unref(gw->ups[i]);  /* dropped ones go when their requests end */
+    }
+    free(gw->ups);
+    gw->ups = ups;
+    gw->nups = c->nupstreams;
+    gw->has_aliases = has_aliases;
+
+    clients_free(gw->clients, gw->nclients);
+    gw->clients = clients;
+    gw->nclients = nclients;
+    gw->require_client = c->nclients > 0;
+
+    /* cache tiers */
+    free(gw->cache_group);
+    gw->cache_group = group;
+    const char *old_url = gw->conf ? gw->conf->cache.redis_url : "";
+    bool want_store = c->cache.enabled && c->cache.redis_url[0];
+    if (gw->mem) {
+        cache_mem_configure(gw->mem, (size_t)c->cache.max_entries, (size_t)c->cache.max_bytes);
+    } else {
+        gw->mem = cache_mem_new((size_t)c->cache.max_entries, (size_t)c->cache.max_bytes);
+    }
+    if (gw->store && (!want_store || strcmp(old_url, c->cache.redis_url) != 0)) {
+        store_free(gw->store);      /* pending lookups end as misses */
+        gw->store = NULL;
+    }
+    if (gw->store) {
+        store_configure(gw->store, c->cache.redis_prefix, c->cache.redis_timeout_ms);
+    } else if (want_store) {
+        gw->store = store_new(gw->base, c->cache.redis_url, c->cache.redis_prefix,
+                              c->cache.redis_timeout_ms);
+    }
+
+    if (gw->srv) {
+        struct http_limits lim;
+        gateway_limits(c, &lim);
+        http_server_set_limits(gw->srv, &lim);
+    }
+    conf_ref_unref(gw->cref);
+    gw->cref = cref;
+    gw->conf = c;
+    return gw->mem ? 0 : -1;
+}
+
+void
+gateway_limits(const struct conf *c, struct http_limits *l)
+{
+    l->max_body = (size_t)c->limits.max_body;
+    l->max_headers = (size_t)c->limits.max_headers;
+    l->max_connections = c->limits.max_connections;
+    l->header_timeout_ms = c->limits.header_timeout_ms;
+    l->body_timeout_ms = c->limits.body_timeout_ms;
+    l->idle_timeout_ms = c->limits.idle_timeout_ms;
+}
+
+void
+gateway_free(struct gateway *gw)
+{
+    for (size_t i = 0; i < gw->nups; i++) {
+        gw_upstream_unref(gw->ups[i]);
+    }
+    free(gw->ups);
+    gw->ups = NULL;
+    gw->nups = 0;
+    clients_free(gw->clients, gw->nclients);
+    gw->clients = NULL;
+    gw->nclients = 0;
+    store_free(gw->store);
+    gw->store = NULL;
+    cache_mem_free(gw->mem);
+    gw->mem = NULL;
+    free(gw->cache_group);
+    gw->cache_group = NULL;
+    conf_ref_unref(gw->cref);
+    gw->cref = NULL;
+    gw->conf = NULL;
+}
