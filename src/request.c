@@ -55,6 +55,7 @@
 #define CAPTURE_MAX       (2 * 1024 * 1024)    /* largest response shared or cached */
 #define FOLLOW_CHUNK      (64 * 1024)
 #define FLIGHT_BUCKETS    4096
+#define USAGE_TAIL        8192      /* the end of an answer, where "usage" is */
 
 enum req_timer {
     TIMER_NONE, TIMER_QUEUE, TIMER_BACKOFF, TIMER_FIRST_DATA, TIMER_IDLE, TIMER_DISPATCH
@@ -150,6 +151,11 @@ struct request {
     bool rewriting;
     bool auth_failed;           /* this attempt got 401/402/403 */
     struct evbuffer *errbody;   /* its body, kept for replay while the circuit is open */
+
+    /* token accounting from the answer's "usage" */
+    char *tail;                 /* the last USAGE_TAIL bytes of the answer */
+    size_t tail_len;
+    int64_t tokens[4];          /* prompt, completion, cache hit, cache miss; -1: unknown */
 
     /* cache and coalescing */
     bool cacheable;             /* on a cache path with the cache enabled */
@@ -1257,10 +1263,96 @@ on_data(void *arg, const char *data, size_t len)
     return forward(r, data, len);
 }
 
+static void
+tail_keep(struct request *r, const char *data, size_t len)
+{
+    if (!r->tail) {
+        return;
+    }
+    if (len >= USAGE_TAIL) {
+        memcpy(r->tail, data + len - USAGE_TAIL, USAGE_TAIL);
+        r->tail_len = USAGE_TAIL;
+        return;
+    }
+    if (r->tail_len + len > USAGE_TAIL) {
+        size_t drop = r->tail_len + len - USAGE_TAIL;
+        memmove(r->tail, r->tail + drop, r->tail_len - drop);
+        r->tail_len -= drop;
+    }
+    memcpy(r->tail + r->tail_len, data, len);
+    r->tail_len += len;
+}
+
+static const char *const token_kinds[4] = { "prompt", "completion", "prompt_cache_hit",
+                                            "prompt_cache_miss" };
+
+/*
+ * Find the last "usage" object in the answer's tail (the body of a
+ * non-stream answer, the final chunk of a stream) and count its tokens.
+ */
+static void
+usage_account(struct request *r)
+{
+    static const char *const fields[4] = { "prompt_tokens", "completion_tokens",
+                                           "prompt_cache_hit_tokens", "prompt_cache_miss_tokens" };
+    const char *t = r->tail, *found = NULL;
+
+    if (!t || r->tail_len < 8) {
+        return;
+    }
+    for (const char *p = t; (p = memmem(p, r->tail_len - (size_t)(p - t), "\"usage\"", 7));
+         p += 7) {
+        found = p;
+    }
+    if (!found) {
+        return;
+    }
+    const char *end = t + r->tail_len;
+    const char *o = memchr(found + 7, '{', (size_t)(end - found - 7));
+    if (!o) {
+        return;
+    }
+    int depth = 0;
+    bool str = false;
+    const char *q = o;
+    for (; q < end; q++) {
+        if (str) {
+            if (*q == '\\') {
+                q++;
+            } else if (*q == '"') {
+                str = false;
+            }
+        } else if (*q == '"') {
+            str = true;
+        } else if (*q == '{') {
+            depth++;
+        } else if (*q == '}' && --depth == 0) {
+            break;
+        }
+    }
+    if (q >= end) {
+        return;
+    }
+    json_t *u = json_loadb(o, (size_t)(q - o + 1), 0, NULL);
+    if (!u) {
+        return;
+    }
+    for (int i = 0; i < 4; i++) {
+        json_t *v = json_object_get(u, fields[i]);
+        if (json_is_integer(v) && json_integer_value(v) >= 0) {
+            r->tokens[i] = json_integer_value(v);
+            metrics_addf("dsgate_tokens_total", (double)r->tokens[i],
+                         "upstream=\"%s\",kind=\"%s\"", r->up->conf->name, token_kinds[i]);
+        }
+    }
+    json_decref(u);
+}
+
 /* Pass answer bytes on: to the flight (followers, cache) and the client. */
 static int
 forward(struct request *r, const char *data, size_t len)
 {
+    tail_keep(r, data, len);
     if (r->flight) {
         flight_append(r->flight, r->gw, data, len);
         if (r->headless && !r->flight) {
@@ -1348,6 +1440,9 @@ on_done(void *arg, enum up_result res, const char *detail)
         r->end = "completed";
         if (r->rewriting) {
             forward_rewritten(r, NULL, 0, true);
+        }
+        if (r->status == 200) {
+            usage_account(r);
         }
         if (r->hreq && r->head_deferred) {
             head_send(r);           /* an empty (or all white space) body */
@@ -1519,7 +1614,8 @@ access_log(struct request *r)
                         "\",\"status\":%d,\"priority\":\"%s\",\"cache\":\"%s\","
                         "\"upstream\":\"%s\",\"attempts\":%d,\"queue_ms\":%lld,"
                         "\"upstream_ms\":%lld,\"first_data_ms\":%lld,\"total_ms\":%lld,"
-                        "\"bytes_in\":%zu,\"bytes_out\":%llu,\"end\":\"%s\"}",
+                        "\"bytes_in\":%zu,\"bytes_out\":%llu,\"tokens_prompt\":%lld,"
+                        "\"tokens_completion\":%lld,\"tokens_cache_hit\":%lld,\"end\":\"%s\"}",
                         r->status, conf_priority_name(r->prio), r->cache_status,
                         r->attempts ? r->up->conf->name : "", r->attempts,
                         (long long)(r->queue_us / 1000),
@@ -1527,7 +1623,9 @@ access_log(struct request *r)
                         (long long)(r->t_first_data_us ? (r->t_first_data_us - r->t_start_us) / 1000
                                                        : -1),
                         (long long)((now - r->t_start_us) / 1000), r->body_len,
-                        (unsigned long long)r->bytes_out, r->end ? r->end : "completed");
+                        (unsigned long long)r->bytes_out, (long long)r->tokens[0],
+                        (long long)r->tokens[1], (long long)r->tokens[2],
+                        r->end ? r->end : "completed");
     size_t len = evbuffer_get_length(b);
     log_access((const char *)evbuffer_pullup(b, -1), len);
     evbuffer_free(b);
@@ -1596,6 +1694,7 @@ request_finish(struct request *r)
         gw_upstream_unref(r->up);
     }
     free(r->model);
+    free(r->tail);
     free(r->send_body);
     json_decref(r->doc);
     if (r->rewriting) {
@@ -1880,6 +1979,10 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
         }
     }
     r->body = http_req_take_body(hreq, &r->body_len);
+    r->tokens[0] = r->tokens[1] = r->tokens[2] = r->tokens[3] = -1;
+    if (doc) {
+        r->tail = malloc(USAGE_TAIL);   /* no tokens counted if this fails */
+    }
     const json_t *model = doc ? json_object_get(doc, "model") : NULL;
     if (json_is_string(model)) {
         r->model = strdup(json_string_value(model));
