@@ -259,6 +259,8 @@ metrics_init(void)
     metrics_register("dsgate_cache_stores_total", METRIC_COUNTER, "Responses stored, by tier.");
     metrics_register("dsgate_cache_errors_total", METRIC_COUNTER,
                      "Cache tier errors (Redis down, slow, full or garbled), by tier.");
+    metrics_register("dsgate_redis_errors_total", METRIC_COUNTER,
+                     "Redis connection errors, by link (cache, fleet) and kind.");
     metrics_register("dsgate_coalesced_total", METRIC_COUNTER,
                      "Requests answered by an identical request in flight.");
     metrics_register("dsgate_circuit_open", METRIC_GAUGE,
