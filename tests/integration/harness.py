@@ -1,0 +1,851 @@
+"""
+harness: start and stop what the integration tests need, speak raw HTTP/1.1.
+
+Standard library only (Debian's python3).  A test file builds one or more
+"pairs" (a fake upstream and a dsgate in front of it), runs its tests through
+a Runner that prints one line per test (`PASS name` / `FAIL name: reason`)
+and, at the end, one machine-readable line `RESULT passed=N failed=N` that
+tests/run.sh adds up.  Every wait has a deadline; nothing sleeps blindly.
+Everything started here is stopped (SIGTERM, then SIGKILL after a deadline)
+even when a test fails or the interpreter is interrupted.
+
+dsgate's stderr goes to $DSGATE_TEST_LOGDIR/dsgate-<tag>-<n>.log (a temporary
+directory when unset); tests/run.sh scans those files for sanitizer reports.
+"""
+
+import atexit
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+DSGATE = os.environ.get("DSGATE_BIN", os.path.join(ROOT, "build", "asan", "dsgate"))
+FAKE = os.environ.get("FAKE_UPSTREAM_BIN", os.path.join(ROOT, "build", "fake_upstream"))
+
+_tmp_root = tempfile.mkdtemp(prefix="dsgate-it-")
+LOGDIR = os.environ.get("DSGATE_TEST_LOGDIR") or _tmp_root
+os.makedirs(LOGDIR, exist_ok=True)
+
+# Sanitizer settings for dsgate (tests/run.sh may override them, e.g. to turn
+# leak detection off where LeakSanitizer cannot run).
+ASAN_OPTIONS = os.environ.get(
+    "DSGATE_ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:halt_on_error=1")
+UBSAN_OPTIONS = os.environ.get(
+    "DSGATE_UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+
+# Variables dsgate reads that must not leak in from the caller's environment.
+_SCRUB_ENV = ("DSGATE_LISTEN", "DSGATE_UPSTREAM", "DSGATE_REDIS_URL",
+              "DEEPSEEK_API_KEY", "http_proxy", "https_proxy", "HTTP_PROXY",
+              "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")
+
+_procs = []          # every process started here, stopped at exit
+_log_seq = [0]
+
+
+def now_ms():
+    """CLOCK_MONOTONIC in ms (the fake's clock in /_log)."""
+    return time.monotonic() * 1000.0
+
+
+def free_port():
+    """A loopback port that was free a moment ago."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_until(pred, timeout, interval=0.02):
+    """Poll PRED until it returns a true value or TIMEOUT seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            return v
+        time.sleep(interval)
+
+
+def stop_process(p, timeout=10.0):
+    """SIGTERM, wait up to TIMEOUT s, then SIGKILL.  Returns the exit code."""
+    if p.poll() is None:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+    return p.returncode
+
+
+def _stop_all():
+    for p in reversed(_procs):
+        try:
+            stop_process(p, 5.0)
+        except Exception:
+            pass
+    if not os.environ.get("DSGATE_TEST_KEEP_TMP"):
+        shutil.rmtree(_tmp_root, ignore_errors=True)
+
+
+atexit.register(_stop_all)
+
+
+def _on_signal(signum, frame):
+    _stop_all()
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, _on_signal)
+
+
+# ---------------------------------------------------------------- raw HTTP
+
+class HTTPError(Exception):
+    pass
+
+
+class Response:
+    def __init__(self):
+        self.status = None
+        self.reason = ""
+        self.version = ""
+        self.headers = []            # [(name, value)] as received
+        self.body = b""
+        self.chunked = False
+        self.complete = False        # terminating chunk / full length seen
+        self.t_head = None           # monotonic s when the head was complete
+        self.t_end = None
+        self.chunks = []             # [(monotonic s, bytes)] body pieces
+
+    def header(self, name, default=None):
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return default
+
+    def header_all(self, name):
+        name = name.lower()
+        return [v for k, v in self.headers if k.lower() == name]
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+    def __repr__(self):
+        b = self.body[:300]
+        return "<Response %s %r>" % (self.status, b)
+
+
+class Conn:
+    """One client connection: send bytes, parse responses incrementally."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=10.0, rcvbuf=None):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
+        self.buf = bytearray()
+        self.eof = False
+        self.timeout = timeout
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def _fill(self, deadline, n=65536):
+        """Read more into the buffer.  False on EOF."""
+        if self.eof:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HTTPError("timed out")
+        self.sock.settimeout(left)
+        try:
+            d = self.sock.recv(n)
+        except socket.timeout:
+            raise HTTPError("timed out")
+        except ConnectionResetError:
+            d = b""
+        if not d:
+            self.eof = True
+            return False
+        self.buf += d
+        return True
+
+    def _line(self, deadline):
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                line = bytes(self.buf[:i])
+                del self.buf[:i + 2]
+                return line
+            if not self._fill(deadline):
+                raise HTTPError("connection closed in a line (%r)" % bytes(self.buf[:100]))
+
+    def _take(self, n, deadline):
+        while len(self.buf) < n:
+            if not self._fill(deadline):
+                raise HTTPError("connection closed after %d of %d bytes" % (len(self.buf), n))
+        d = bytes(self.buf[:n])
+        del self.buf[:n]
+        return d
+
+    def read_head(self, timeout=None, resp=None):
+        deadline = time.monotonic() + (timeout or self.timeout)
+        r = resp or Response()
+        while True:
+            line = self._line(deadline)
+            parts = line.decode("latin-1").split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+                raise HTTPError("bad status line %r" % line)
+            r.version = parts[0]
+            r.status = int(parts[1])
+            r.reason = parts[2] if len(parts) > 2 else ""
+            r.headers = []
+            while True:
+                h = self._line(deadline)
+                if not h:
+                    break
+                k, _, v = h.decode("latin-1").partition(":")
+                r.headers.append((k.strip(), v.strip()))
+            if r.status >= 200 or r.status == 101:
+                break                      # skip 1xx interim answers
+        r.t_head = time.monotonic()
+        te = (r.header("transfer-encoding") or "").lower()
+        r.chunked = "chunked" in te
+        return r
+
+    def iter_body(self, r, timeout=None, method="GET"):
+        """Yield body pieces as they arrive (decoded from chunked)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        if method == "HEAD" or r.status in (204, 304) or 100 <= r.status < 200:
+            r.complete = True
+            return
+        if r.chunked:
+            while True:
+                line = self._line(deadline)
+                size = int(line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self._line(deadline):     # trailers
+                        pass
+                    r.complete = True
+                    return
+                d = self._take(size, deadline)
+                if self._take(2, deadline) != b"\r\n":
+                    raise HTTPError("bad chunk framing")
+                yield d
+            return
+        cl = r.header("content-length")
+        if cl is not None:
+            left = int(cl)
+            while left > 0:
+                if not self.buf and not self._fill(deadline):
+                    raise HTTPError("connection closed with %d body bytes missing" % left)
+                d = bytes(self.buf[:left])
+                del self.buf[:left]
+                left -= len(d)
+                yield d
+            r.complete = True
+            return
+        # until close
+        while True:
+            if self.buf:
+                d = bytes(self.buf)
+                del self.buf[:]
+                yield d
+            if not self._fill(deadline):
+                r.complete = True
+                return
+
+    def read_response(self, timeout=None, method="GET"):
+        t = timeout or self.timeout
+        r = self.read_head(t)
+        parts = []
+        for d in self.iter_body(r, t, method):
+            r.chunks.append((time.monotonic(), d))
+            parts.append(d)
+        r.body = b"".join(parts)
+        r.t_end = time.monotonic()
+        return r
+
+
+def build_request(method, path, headers=None, body=None, port=None, host=None):
+    """Bytes of one HTTP/1.1 request.  HEADERS: list of pairs or dict."""
+    hs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    names = {k.lower() for k, _ in hs}
+    if "host" not in names:
+        hs.insert(0, ("Host", host or "127.0.0.1:%d" % (port or 80)))
+    if body is not None:
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if "content-length" not in names and "transfer-encoding" not in names:
+            hs.append(("Content-Length", str(len(body))))
+    out = "%s %s HTTP/1.1\r\n" % (method, path)
+    out += "".join("%s: %s\r\n" % (k, v) for k, v in hs)
+    out += "\r\n"
+    return out.encode("latin-1") + (body or b"")
+
+
+def request(port, method, path, headers=None, body=None, timeout=10.0):
+    """One request on a fresh connection (Connection: close)."""
+    hs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    if not any(k.lower() == "connection" for k, _ in hs):
+        hs.append(("Connection", "close"))
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+        if not any(k.lower() == "content-type" for k, _ in hs):
+            hs.append(("Content-Type", "application/json"))
+    with Conn(port, timeout=timeout) as c:
+        c.send(build_request(method, path, hs, body, port=port))
+        return c.read_response(timeout, method)
+
+
+def raw_exchange(port, data, timeout=10.0):
+    """Send raw bytes, read one response (or EOF).  Returns Response or None."""
+    with Conn(port, timeout=timeout) as c:
+        try:
+            c.send(data)
+        except OSError:
+            pass
+        try:
+            return c.read_response(timeout)
+        except HTTPError:
+            return None
+
+
+def parse_sse(data):
+    """Split an SSE byte stream into events: [{"event":..,"data":..,"comment":..}]."""
+    events = []
+    text = data.decode("utf-8", "replace").replace("\r\n", "\n")
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        ev = {"event": None, "data": None, "comments": []}
+        datas = []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                ev["comments"].append(line[1:].strip())
+            elif line.startswith("data:"):
+                datas.append(line[5:][1:] if line[5:6] == " " else line[5:])
+            elif line.startswith("event:"):
+                ev["event"] = line[6:].strip()
+        if datas:
+            ev["data"] = "\n".join(datas)
+        if ev["data"] is None and ev["event"] is None:
+            continue                      # comment-only block
+        events.append(ev)
+    return events
+
+
+class Stream:
+    """A streamed (SSE) answer: the response, its events with arrival times."""
+
+    def __init__(self):
+        self.resp = None
+        self.events = []          # dicts from parse_sse, plus "t" (monotonic s)
+        self.comments = 0         # comment-only blocks (keep-alives)
+        self.error = None         # transport problem (HTTPError text) or None
+        self.t_sent = None
+        self.t_end = None
+        self.raw = b""
+
+    def data_events(self):
+        return [e for e in self.events if e["data"] is not None and not is_error_event(e)]
+
+    def chunks(self):
+        """Parsed JSON chunks of the data events other than [DONE]."""
+        out = []
+        for e in self.data_events():
+            if e["data"] != "[DONE]":
+                out.append(json.loads(e["data"]))
+        return out
+
+    def joined(self, field):
+        s = ""
+        for ch in self.chunks():
+            for c in ch.get("choices") or []:
+                v = (c.get("delta") or {}).get(field)
+                if isinstance(v, str):
+                    s += v
+        return s
+
+
+def sse_request(port, body, headers=None, timeout=15.0, path="/v1/chat/completions",
+                conn=None, stop_after=None):
+    """POST BODY (dict or bytes) and read an SSE answer, timing each event.
+
+    STOP_AFTER: return (with the connection still open, as st.conn) once that
+    many data events have arrived.
+    """
+    hs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    hs.append(("Content-Type", "application/json"))
+    hs.append(("Accept", "text/event-stream"))
+    if stop_after is None and not any(k.lower() == "connection" for k, _ in hs):
+        hs.append(("Connection", "close"))
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    st = Stream()
+    c = conn or Conn(port, timeout=timeout)
+    st.conn = c
+    st.t_sent = time.monotonic()
+    c.send(build_request("POST", path, hs, body, port=port))
+    deadline = st.t_sent + timeout
+    try:
+        r = c.read_head(timeout)
+        st.resp = r
+        pending = b""
+        parts = []
+        for d in c.iter_body(r, max(0.1, deadline - time.monotonic())):
+            parts.append(d)
+            pending += d
+            pending = pending.replace(b"\r\n", b"\n")
+            while b"\n\n" in pending:
+                block, pending = pending.split(b"\n\n", 1)
+                evs = parse_sse(block + b"\n\n")
+                if not evs and block.strip():
+                    st.comments += 1
+                for ev in evs:
+                    ev["t"] = time.monotonic()
+                    st.events.append(ev)
+            if stop_after is not None and len(st.data_events()) >= stop_after:
+                st.raw = b"".join(parts)
+                return st
+        st.raw = b"".join(parts)
+        r.body = st.raw
+    except HTTPError as e:
+        st.error = str(e)
+    finally:
+        st.t_end = time.monotonic()
+        if stop_after is None and conn is None:
+            c.close()
+    return st
+
+
+def is_error_event(ev):
+    if ev["event"] == "error":
+        return True
+    if ev["data"] and ev["data"] != "[DONE]":
+        try:
+            j = json.loads(ev["data"])
+        except ValueError:
+            return False
+        return isinstance(j, dict) and "error" in j
+    return False
+
+
+def openai_error_shape(resp):
+    """None if RESP's body is {"error":{"message","type","code"}}, else why not."""
+    try:
+        j = resp.json()
+    except Exception:
+        return "body is not JSON: %r" % resp.body[:200]
+    e = j.get("error") if isinstance(j, dict) else None
+    if not isinstance(e, dict):
+        return "no error object: %r" % resp.body[:200]
+    for k in ("message", "type", "code"):
+        if k not in e:
+            return "error object lacks %r: %r" % (k, resp.body[:200])
+    if not isinstance(e["message"], str) or not e["message"]:
+        return "error.message is not a non-empty string"
+    ct = (resp.header("content-type") or "").lower()
+    if "application/json" not in ct:
+        return "content-type %r is not application/json" % ct
+    return None
+
+
+# ---------------------------------------------------------------- processes
+
+def _drain(stream, path):
+    with open(path, "ab") as f:
+        for line in iter(stream.readline, b""):
+            f.write(line)
+            f.flush()
+
+
+class Fake:
+    """build/fake_upstream on a free port."""
+
+    def __init__(self, *args, name="fake"):
+        self.name = name
+        self.stderr_path = os.path.join(LOGDIR, "fake-%s-%d.log" % (name, _next_seq()))
+        errf = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            [FAKE, "--port", "0", "--name", name] + list(args),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf)
+        errf.close()
+        _procs.append(self.proc)
+        self.port = self._read_ready(10.0)
+        threading.Thread(target=_drain, args=(self.proc.stdout, self.stderr_path),
+                         daemon=True).start()
+
+    def _read_ready(self, timeout):
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                stop_process(self.proc)
+                raise RuntimeError("fake_upstream did not print READY (got %r)" % buf)
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                d = os.read(fd, 1)
+                if not d:
+                    continue
+                buf += d
+        line = buf.decode().strip()
+        if not line.startswith("READY "):
+            raise RuntimeError("fake_upstream said %r" % line)
+        return int(line.split()[1])
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def get_json(self, path):
+        r = request(self.port, "GET", path, timeout=5.0)
+        if r.status != 200:
+            raise RuntimeError("fake %s: %d" % (path, r.status))
+        return r.json()
+
+    def stats(self):
+        return self.get_json("/_stats")
+
+    def log(self):
+        return self.get_json("/_log")
+
+    def reset(self):
+        request(self.port, "POST", "/_reset", body=b"", timeout=5.0)
+
+    def find(self, test_id, timeout=2.0, pred=None):
+        """The /_log entry whose X-Test-Id header is TEST_ID (and PRED holds)."""
+        def look():
+            for e in self.log():
+                if (e.get("headers") or {}).get("x-test-id") == test_id:
+                    if pred is None or pred(e):
+                        return e
+            return None
+        return wait_until(look, timeout, 0.01)
+
+    def stop(self):
+        return stop_process(self.proc)
+
+
+def _next_seq():
+    _log_seq[0] += 1
+    return _log_seq[0]
+
+
+def yaml_quote(s):
+    return json.dumps(s)       # a JSON string is a valid YAML double-quoted scalar
+
+
+def make_config(listen_port, upstream_url, api_key_env=None, timeouts=None,
+                limits=None, retry_attempts=1, cache=False, extra="",
+                upstream_extra="", name="fake"):
+    """YAML text for one dsgate with one upstream."""
+    t = {"connect": "2s", "first_data": "30s", "idle": "30s", "total": "0"}
+    t.update(timeouts or {})
+    lines = [
+        "# written by tests/integration/harness.py",
+        "listen: 127.0.0.1:%d" % listen_port,
+        "upstreams:",
+        "  - name: %s" % name,
+        "    url: %s" % yaml_quote(upstream_url),
+    ]
+    if api_key_env is not None:
+        lines.append("    api_key_env: %s" % yaml_quote(api_key_env))
+    lines.append("    max_inflight: 64")
+    lines.append("    timeouts: {%s}" % ", ".join("%s: %s" % kv for kv in t.items()))
+    if upstream_extra:
+        lines.append(upstream_extra.rstrip("\n"))
+    lines += [
+        "retry:",
+        "  max_attempts: %d" % retry_attempts,
+        "cache:",
+        "  enabled: %s" % ("true" if cache else "false"),
+    ]
+    if limits:
+        lines.append("limits:")
+        for k, v in limits.items():
+            lines.append("  %s: %s" % (k, v))
+    lines.append("shutdown_timeout: 3s")
+    lines.append("log: {level: info, format: json}")
+    if extra:
+        lines.append(extra.rstrip("\n"))
+    return "\n".join(lines) + "\n"
+
+
+class Dsgate:
+    """build/asan/dsgate with a config written to a temp dir."""
+
+    def __init__(self, config_text=None, env=None, tag="dsgate", port=None,
+                 upstream_url=None, wait=True, **cfg):
+        self._args = dict(config_text=config_text, env=env, tag=tag,
+                          upstream_url=upstream_url, wait=wait, **cfg)
+        self.port = port or free_port()
+        if config_text is None:
+            config_text = make_config(self.port, upstream_url, **cfg)
+        self.dir = tempfile.mkdtemp(prefix="cfg-", dir=_tmp_root)
+        self.config_path = os.path.join(self.dir, "dsgate.yaml")
+        with open(self.config_path, "w") as f:
+            f.write(config_text)
+        self.log_path = os.path.join(LOGDIR, "dsgate-%s-%d.log" % (tag, _next_seq()))
+        e = dict(os.environ)
+        for k in _SCRUB_ENV:
+            e.pop(k, None)
+        e["ASAN_OPTIONS"] = ASAN_OPTIONS
+        e["UBSAN_OPTIONS"] = UBSAN_OPTIONS
+        e.update(env or {})
+        logf = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([DSGATE, "-c", self.config_path],
+                                     stdin=subprocess.DEVNULL, stdout=logf,
+                                     stderr=subprocess.STDOUT, env=e)
+        logf.close()
+        _procs.append(self.proc)
+        if wait:
+            self.wait_healthy(15.0)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def wait_healthy(self, timeout):
+        def ok():
+            if self.proc.poll() is not None:
+                raise RuntimeError("dsgate exited with %s before /healthz answered; log %s:\n%s"
+                                   % (self.proc.returncode, self.log_path, self.log_tail()))
+            try:
+                return request(self.port, "GET", "/healthz", timeout=1.0).status == 200
+            except (OSError, HTTPError):
+                return False
+        if not wait_until(ok, timeout, 0.05):
+            raise RuntimeError("dsgate /healthz not 200 within %.0fs; log:\n%s"
+                               % (timeout, self.log_tail()))
+
+    def log_text(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def log_tail(self, n=2000):
+        return self.log_text()[-n:]
+
+    def rss_kib(self):
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return None
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def restart(self):
+        """A new dsgate like this one (new port when the config was generated)."""
+        self.stop(5.0)
+        return Dsgate(**self._args)
+
+    def crash_summary(self):
+        """The first sanitizer line of the log, or its last line."""
+        text = self.log_text()
+        for line in text.splitlines():
+            if ("SUMMARY: " in line or "runtime error:" in line
+                    or "ERROR: AddressSanitizer" in line or "ERROR: LeakSanitizer" in line):
+                if "SUMMARY" in line or "runtime error" in line:
+                    return line.strip()
+        for line in text.splitlines():
+            if "ERROR: " in line:
+                return line.strip()
+        lines = text.strip().splitlines()
+        return lines[-1][:300] if lines else "(empty log)"
+
+    def stop(self, timeout=10.0):
+        return stop_process(self.proc, timeout)
+
+
+class RawUpstream:
+    """A tiny upstream that answers every request with a canned response.
+
+    Used where the fake cannot be told to do something (e.g. send hop-by-hop
+    response headers).  Records each request head it received.
+    """
+
+    def __init__(self, response):
+        self.response = response
+        self.requests = []
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def _serve(self):
+        while not self._stop:
+            try:
+                s, _ = self.lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(s,), daemon=True).start()
+
+    def _one(self, s):
+        s.settimeout(5.0)
+        try:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                d = s.recv(65536)
+                if not d:
+                    return
+                buf += d
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            self.requests.append(head.decode("latin-1"))
+            cl = 0
+            for line in head.split(b"\r\n")[1:]:
+                k, _, v = line.partition(b":")
+                if k.strip().lower() == b"content-length":
+                    cl = int(v.strip())
+            while len(rest) < cl:
+                d = s.recv(65536)
+                if not d:
+                    break
+                rest += d
+            s.sendall(self.response)
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+    def close(self):
+        self._stop = True
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.lsock.close()
+
+
+# ---------------------------------------------------------------- runner
+
+class Runner:
+    """Runs named test functions, prints PASS/FAIL lines and the RESULT line."""
+
+    def __init__(self, suite):
+        self.suite = suite
+        self.passed = 0
+        self.failed = 0
+        self.t0 = time.monotonic()
+
+    def run(self, name, fn, *args):
+        t = time.monotonic()
+        try:
+            fn(*args)
+        except AssertionError as e:
+            self.fail(name, str(e) or "assertion failed: " + _where(e))
+        except Exception as e:
+            self.fail(name, "%s: %s" % (type(e).__name__, e), tb=True)
+        else:
+            self.ok(name, time.monotonic() - t)
+
+    def ok(self, name, dt=None):
+        self.passed += 1
+        extra = " (%.2fs)" % dt if dt is not None and dt >= 1.0 else ""
+        print("PASS %s%s" % (name, extra), flush=True)
+
+    def fail(self, name, reason, tb=False):
+        self.failed += 1
+        reason = str(reason).strip().replace("\n", " | ")
+        print("FAIL %s: %s" % (name, reason[:1500]), flush=True)
+        if tb and os.environ.get("DSGATE_TEST_VERBOSE"):
+            traceback.print_exc()
+
+    def fail_all(self, names, reason):
+        for n in names:
+            self.fail(n, reason)
+
+    def finish(self):
+        print("# %s: %.1fs" % (self.suite, time.monotonic() - self.t0), flush=True)
+        print("RESULT passed=%d failed=%d" % (self.passed, self.failed), flush=True)
+        _stop_all()
+        return 1 if self.failed else 0
+
+
+def run_tests(run, tests, pair, key="dsgate", final=(), only=()):
+    """Run TESTS [(name, fn)] against the dsgate in PAIR[KEY].
+
+    A test after which dsgate is dead fails with the crash's first sanitizer
+    line, and the next test gets a fresh dsgate (same config), so one crash
+    does not hide every later result.  Tests named in FINAL (shutdown and log
+    checks) run as they are.  ONLY: run just these names (and FINAL).
+    """
+    for name, fn in tests:
+        if only and name not in only and name not in final:
+            continue
+        if name not in final and not pair[key].alive():
+            try:
+                pair[key] = pair[key].restart()
+            except Exception as e:
+                run.fail(name, "dsgate restart failed: %s" % e)
+                continue
+        if name in final:
+            run.run(name, fn)
+            continue
+        d = pair[key]
+
+        def wrapped(fn=fn, d=d):
+            err = None
+            try:
+                fn()
+            except BaseException as e:
+                err = e
+            if wait_until(lambda: not d.alive(), 0.1, 0.01):
+                raise AssertionError("dsgate died during this test (exit %s): %s; log %s"
+                                     % (d.proc.returncode, d.crash_summary(), d.log_path))
+            if err is not None:
+                raise err
+        run.run(name, wrapped)
+
+
+def _where(e):
+    tb = traceback.extract_tb(e.__traceback__)
+    if tb:
+        f = tb[-1]
+        return "%s:%d: %s" % (os.path.basename(f.filename), f.lineno, f.line)
+    return "?"
+
+
+def check(cond, msg, *args):
+    if not cond:
+        raise AssertionError(msg % args if args else msg)
