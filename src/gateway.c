@@ -16,6 +16,7 @@
 #include <event2/event.h>
 
 #include "cache.h"
+#include "fleet.h"
 #include "gateway.h"
 #include "http.h"
 #include "log.h"
@@ -171,14 +172,26 @@ gateway_apply(struct gateway *gw, struct conf *c)
     cref->conf = c;
     cref->refs = 1;                 /* the gateway's */
 
+    /* fleet mode starts with the process (fleet.redis needs a restart) */
+    if (!gw->cref && c->fleet.redis[0]) {
+        gw->fleet = fleet_new(gw, c->fleet.redis, c->fleet.lease_ttl_ms,
+                              c->fleet.fallback_instances);
+        if (!gw->fleet) {
+            log_msg(LOG_ERROR, "fleet.redis cannot be used; fleet mode is off");
+        }
+    } else if (gw->fleet) {
+        fleet_configure(gw->fleet, c->fleet.lease_ttl_ms, c->fleet.fallback_instances);
+    }
+
     /* upstreams: keep the objects of those that stay */
     bool has_aliases = false;
     for (size_t i = 0; i < c->nupstreams; i++) {
         const struct conf_upstream *uc = &c->upstreams[i];
         struct gw_upstream *u = find_upstream(gw, uc->name);
+        int local_max = fleet_local_max(gw->fleet, uc->max_inflight);
         if (u) {
             gw_upstream_ref(u);
-            sched_limit_configure(&u->limit, uc->max_inflight, uc->adaptive);
+            sched_limit_configure(&u->limit, local_max, uc->adaptive);
             secret_free(u->auth_header);
             conf_ref_unref(u->cref);
         } else {
@@ -189,7 +202,7 @@ gateway_apply(struct gateway *gw, struct conf *c)
             }
             u->refs = 1;
             u->gw = gw;
-            sched_limit_init(&u->limit, uc->max_inflight, uc->adaptive);
+            sched_limit_init(&u->limit, local_max, uc->adaptive);
             circuit_init(&u->circuit);
             u->wake = evtimer_new(gw->base, request_wake_cb, u);
         }
@@ -198,6 +211,7 @@ gateway_apply(struct gateway *gw, struct conf *c)
         cref->refs++;
         u->idx = i;
         u->auth_header = auth_header_for(uc);
+        u->fleet = gw->fleet ? fleet_up_get(gw->fleet, uc->name) : NULL;
         has_aliases |= uc->nmodels > 0;
         ups[i] = u;
     }
@@ -258,8 +272,23 @@ gateway_limits(const struct conf *c, struct http_limits *l)
 }
 
 void
+gateway_refresh_limits(struct gateway *gw)
+{
+    for (size_t i = 0; i < gw->nups; i++) {
+        struct gw_upstream *u = gw->ups[i];
+        sched_limit_configure(&u->limit, fleet_local_max(gw->fleet, u->conf->max_inflight),
+                              u->conf->adaptive);
+    }
+}
+
+void
 gateway_free(struct gateway *gw)
 {
+    /* the cache link first: its write replies announce to the fleet */
+    store_free(gw->store);
+    gw->store = NULL;
+    fleet_free(gw->fleet);
+    gw->fleet = NULL;
     for (size_t i = 0; i < gw->nups; i++) {
         gw_upstream_unref(gw->ups[i]);
     }
@@ -269,8 +298,6 @@ gateway_free(struct gateway *gw)
     clients_free(gw->clients, gw->nclients);
     gw->clients = NULL;
     gw->nclients = 0;
-    store_free(gw->store);
-    gw->store = NULL;
     cache_mem_free(gw->mem);
     gw->mem = NULL;
     free(gw->cache_group);

@@ -22,6 +22,8 @@
 
 struct cache_mem;
 struct event_base;
+struct fleet;
+struct fleet_up;
 struct flight;
 struct http_server;
 struct store;
@@ -50,6 +52,7 @@ struct gw_upstream {
     struct sched_limit limit;   /* in flight and the adaptive limit */
     struct circuit circuit;
     int64_t swrr;               /* smooth weighted round robin state */
+    struct fleet_up *fleet;     /* leases and the shared limit, in fleet mode */
     struct event *wake;         /* pumps the queue when an open circuit may close */
     struct gateway *gw;
     /* the answer that opened the circuit on 401/402/403, replayed while it is open */
@@ -79,6 +82,7 @@ struct gateway {
     struct sched_queue queue;   /* requests waiting for an upstream slot */
     struct cache_mem *mem;      /* memory tier of the cache */
     struct store *store;        /* Redis tier, or NULL */
+    struct fleet *fleet;        /* fleet mode, or NULL */
     char *cache_group;          /* upstream names, part of every cache key */
     struct flight **flights;    /* cacheable requests in flight, by key */
     size_t nflight_buckets;
@@ -95,6 +99,8 @@ struct gateway {
  */
 int gateway_apply(struct gateway *gw, struct conf *c);
 void gateway_free(struct gateway *gw);
+/* Local concurrency caps again (fleet mode went into or out of fallback). */
+void gateway_refresh_limits(struct gateway *gw);
 struct http_limits;
 void gateway_limits(const struct conf *c, struct http_limits *l);
 void gw_upstream_ref(struct gw_upstream *u);

@@ -265,6 +265,16 @@ metrics_init(void)
                      "Requests answered by an identical request in flight.");
     metrics_register("dsgate_circuit_open", METRIC_GAUGE,
                      "1 when the upstream's circuit is open, by upstream.");
+    metrics_register("dsgate_fleet_fallback", METRIC_GAUGE,
+                     "1 while fleet Redis is unreachable and local fallback limits apply.");
+    metrics_register("dsgate_fleet_leases_held", METRIC_GAUGE,
+                     "Fleet leases held by this instance (in use or granted), by upstream.");
+    metrics_register("dsgate_fleet_lease_wait_seconds", METRIC_HISTOGRAM,
+                     "Round trip of a fleet lease request.");
+    metrics_register("dsgate_fleet_limit", METRIC_GAUGE,
+                     "Fleet-wide adaptive concurrency limit last seen, by upstream.");
+    metrics_register("dsgate_fleet_coalesced_total", METRIC_COUNTER,
+                     "Requests answered from the shared cache after another instance's call.");
     metrics_register("dsgate_tokens_total", METRIC_COUNTER,
                      "Tokens reported by the upstream in usage, by upstream and kind.");
 }

@@ -39,6 +39,7 @@
 #include <jansson.h>
 
 #include "cache.h"
+#include "fleet.h"
 #include "gateway.h"
 #include "http.h"
 #include "log.h"
@@ -62,7 +63,7 @@ enum req_timer {
 };
 
 enum req_phase {
-    PH_NEW, PH_LOOKUP, PH_FOLLOWING, PH_QUEUED, PH_BACKOFF, PH_UPSTREAM, PH_DONE
+    PH_NEW, PH_LOOKUP, PH_FLEET, PH_FOLLOWING, PH_QUEUED, PH_BACKOFF, PH_UPSTREAM, PH_DONE
 };
 
 enum flight_state { FL_RUNNING, FL_OK, FL_FAILED };
@@ -72,6 +73,21 @@ enum flight_state { FL_RUNNING, FL_OK, FL_FAILED };
  * goes upstream and appends what it receives to BUF; followers replay BUF
  * at their own pace.  Leader and followers each hold a reference.
  */
+struct fleet_done {
+    struct fleet *fleet;
+    uint8_t key[CACHE_KEY_LEN];
+};
+
+/* The leader's answer is in the shared cache (or not): tell the fleet. */
+static void
+fleet_store_cb(void *arg, bool ok)
+{
+    struct fleet_done *d = arg;
+
+    fleet_finish(d->fleet, d->key, ok);
+    free(d);
+}
+
 struct flight {
     struct flight *hnext;
     uint8_t key[CACHE_KEY_LEN];
@@ -165,6 +181,10 @@ struct request {
     const char *cache_status;   /* "hit" "miss" "bypass" "none" */
     uint8_t key[CACHE_KEY_LEN];
     struct store_get *sget;
+    struct fleet_wait *fwait;   /* asking or waiting for another instance */
+    bool fleet_leader;          /* claimed the key fleet-wide */
+    bool fleet_checked;         /* the fleet was asked about this key */
+    char *lease;                /* fleet lease held by the current attempt */
     struct flight *flight;
     bool headless;              /* leader whose client left; goes on for followers */
     struct request *fnext, *fprev;
@@ -174,6 +194,7 @@ struct request {
 
 static void request_finish(struct request *r);
 static void head_defer_clear(struct request *r);
+static void want_leases(struct gateway *gw, struct request *r);
 static int forward(struct request *r, const char *data, size_t len);
 static int forward_rewritten(struct request *r, const char *data, size_t len, bool flush);
 
@@ -312,6 +333,20 @@ slot_release(struct request *r)
         r->slot_held = false;
         sched_limit_release(&r->up->limit);
     }
+    if (r->lease) {
+        fleet_release(r->gw->fleet, r->up->fleet, r->lease);
+        r->lease = NULL;
+    }
+}
+
+/* The adaptive limits, local and fleet-wide, hear how an attempt went. */
+static void
+limit_feedback(struct request *r, bool overload)
+{
+    sched_limit_feedback(&r->up->limit, overload, http_now_us());
+    if (r->up->fleet) {
+        fleet_feedback(r->gw->fleet, r->up->fleet, r->up->conf->max_inflight, overload);
+    }
 }
 
 static struct request *
@@ -439,7 +474,8 @@ pick_upstream(struct gateway *gw, struct request *r)
         struct gw_upstream *u = gw->ups[i];
         weights[i] = u->conf->weight;
         if (!eligible(r, u) || !circuit_usable(&u->circuit, now) ||
-            !sched_limit_available(&u->limit)) {
+            !sched_limit_available(&u->limit) ||
+            (fleet_active(gw->fleet) && !fleet_lease_ready(u->fleet))) {
             continue;
         }
         cand[n++] = i;
@@ -813,7 +849,11 @@ flight_finish(struct request *r, bool ok)
     if (!f) {
         return;
     }
+    bool announced = false;
     if (!ok || !f->head_known) {
+        if (r->fleet_leader) {
+            fleet_finish(gw->fleet, r->key, false);
+        }
         flight_dissolve(f, gw);
         return;
     }
@@ -829,9 +869,21 @@ flight_finish(struct request *r, bool ok)
                 cache_mem_put(gw->mem, e);
                 metrics_addf("dsgate_cache_stores_total", 1, "tier=\"memory\"");
             }
-            store_put(gw->store, e, c->cache.ttl_ms);
+            struct fleet_done *d = r->fleet_leader ? malloc(sizeof(*d)) : NULL;
+            if (d) {
+                /* announce only once the shared cache has the answer */
+                d->fleet = gw->fleet;
+                memcpy(d->key, r->key, CACHE_KEY_LEN);
+                store_put_then(gw->store, e, c->cache.ttl_ms, fleet_store_cb, d);
+                announced = true;
+            } else {
+                store_put(gw->store, e, c->cache.ttl_ms);
+            }
             cache_entry_unref(e);
         }
+    }
+    if (r->fleet_leader && !announced) {
+        fleet_finish(gw->fleet, r->key, false);
     }
     f->refs++;
     for (struct request *fr = f->followers, *next; fr; fr = next) {
@@ -911,6 +963,9 @@ enqueue(struct request *r)
     r->phase = PH_QUEUED;
     int64_t left_ms = gw->conf->queue.max_wait_ms - r->queue_us / 1000;
     timer_arm(r, TIMER_QUEUE, left_ms > 0 ? left_ms : 0);
+    if (fleet_active(gw->fleet)) {
+        want_leases(gw, r);
+    }
     request_update_gauges(gw);
 }
 
@@ -922,6 +977,21 @@ dequeued(struct request *r, int64_t now)
     r->queue_us += waited;
     metrics_observe("dsgate_queue_wait_seconds", NULL, (double)waited / 1e6);
     timer_arm(r, TIMER_NONE, 0);
+}
+
+/* In fleet mode: ask for leases for the upstreams the next request could use. */
+static void
+want_leases(struct gateway *gw, struct request *r)
+{
+    int64_t now = http_now_us();
+
+    for (size_t i = 0; i < gw->nups; i++) {
+        struct gw_upstream *u = gw->ups[i];
+        if (u->fleet && eligible(r, u) && circuit_usable(&u->circuit, now) &&
+            sched_limit_available(&u->limit) && !fleet_lease_ready(u->fleet)) {
+            fleet_want(gw->fleet, u->fleet, u->conf->max_inflight, gw->queue.total);
+        }
+    }
 }
 
 void
@@ -936,6 +1006,9 @@ request_pump(struct gateway *gw)
         if (!up) {
             struct gw_upstream *blocked = auth_blocked(r);
             if (!blocked) {
+                if (fleet_active(gw->fleet)) {
+                    want_leases(gw, r);
+                }
                 break;
             }
             dequeued(r, now);
@@ -946,6 +1019,7 @@ request_pump(struct gateway *gw)
         dequeued(r, now);
         attempt(r, up);
     }
+    fleet_trim(gw->fleet);
     request_update_gauges(gw);
 }
 
@@ -1051,7 +1125,7 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
         r->xfer = NULL;
     }
     slot_release(r);
-    sched_limit_feedback(&r->up->limit, true, http_now_us());
+    limit_feedback(r, true);
     count_attempt(r, "timeout");
     circuit_result(r, ROUTE_FAILURE, kind == TIMER_FIRST_DATA ? "timeout" : "idle");
     if (kind == TIMER_FIRST_DATA && r->gw->conf->retry.on_timeout && can_retry(r, 0)) {
@@ -1142,7 +1216,7 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         return UP_ABORT;
     }
     bool overload = status == 429 || status == 503 || status == 504;
-    sched_limit_feedback(&r->up->limit, overload, http_now_us());
+    limit_feedback(r, overload);
     for (size_t i = 0; i < n; i++) {
         if (strcasecmp(hdrs[i].name, "Connection") == 0) {
             conn = hdrs[i].value;
@@ -1472,7 +1546,7 @@ on_done(void *arg, enum up_result res, const char *detail)
     case UP_TIMEOUT:
         count_attempt(r, "timeout");
         circuit_result(r, ROUTE_FAILURE, "timeout");
-        sched_limit_feedback(&r->up->limit, true, http_now_us());
+        limit_feedback(r, true);
         log_msg(LOG_WARN, "req=%llu up=%s: upstream timed out: %s", (unsigned long long)r->id,
                 name, detail);
         if (before_data && c->retry.on_timeout && can_retry(r, 0)) {
@@ -1545,6 +1619,7 @@ on_client_close(void *arg)
             r->end = "client_closed_backoff";
             break;
         case PH_LOOKUP:
+        case PH_FLEET:
         case PH_FOLLOWING:
             r->end = "client_closed_waiting";
             break;
@@ -1645,6 +1720,10 @@ request_finish(struct request *r)
     if (r->sget) {
         store_get_cancel(r->sget);
         r->sget = NULL;
+    }
+    if (r->fwait) {
+        fleet_wait_cancel(r->fwait);
+        r->fwait = NULL;
     }
     head_defer_clear(r);
     if (r->flight) {
@@ -1796,6 +1875,9 @@ attempt(struct request *r, struct gw_upstream *up)
         return;
     }
     sched_limit_acquire(&up->limit);
+    if (fleet_active(r->gw->fleet) && up->fleet) {
+        r->lease = fleet_take(up->fleet);
+    }
     circuit_on_send(&up->circuit);
     r->slot_held = true;
     r->auth_failed = false;
@@ -1859,6 +1941,117 @@ reply_unknown_model(struct request *r)
     }
 }
 
+static void admit(struct request *r);
+
+/*
+ * Fleet-wide coalescing.  The local leader of a cacheable request asks the
+ * fleet whether another instance is already on this key; if so it waits
+ * for that answer in the shared cache, and its own followers with it.
+ */
+/* The flight ends with a cache entry: its followers get it, the leader too. */
+static void
+flight_from_entry(struct request *r, struct cache_entry *e)
+{
+    struct flight *f = r->flight;
+
+    if (f && f->len == 0) {
+        char *b = malloc(e->body_len ? e->body_len : 1);
+        if (b) {
+            memcpy(b, e->body, e->body_len);
+            free(f->buf);
+            f->buf = b;
+            f->len = f->cap = e->body_len;
+            f->head_known = true;
+            f->status = 200;
+            f->sse = e->sse;
+            snprintf(f->ctype, sizeof(f->ctype), "%s", e->ctype);
+            snprintf(f->upstream, sizeof(f->upstream), "%s", "cache");
+            flight_untable(r->gw, f);
+            f->state = FL_OK;
+            f->refs++;
+            for (struct request *fr = f->followers, *next; fr; fr = next) {
+                next = fr->fnext;
+                follower_feed(fr);
+            }
+            f->leader = NULL;
+            r->flight = NULL;
+            flight_unref(f);
+            flight_unref(f);
+        }
+    }
+    reply_entry(r, e, "redis");
+    metrics_add("dsgate_fleet_coalesced_total", NULL, 1);
+    request_finish(r);
+}
+
+static void
+on_fleet_lookup(void *arg, struct cache_entry *e)
+{
+    struct request *r = arg;
+
+    r->sget = NULL;
+    if (e) {
+        fleet_wait_cancel(r->fwait);
+        r->fwait = NULL;
+        flight_from_entry(r, e);
+        return;
+    }
+    if (!r->fwait) {
+        admit(r);                   /* the wait is over and the answer is not there */
+    }
+}
+
+static void
+on_fleet_done(void *arg, bool done)
+{
+    struct request *r = arg;
+
+    r->fwait = NULL;
+    if (r->sget) {
+        return;                     /* a lookup is running; it decides */
+    }
+    if (done) {
+        r->sget = store_get(r->gw->store, r->key, on_fleet_lookup, r);
+        if (r->sget) {
+            return;
+        }
+    }
+    admit(r);
+}
+
+static void
+on_fleet_claim(void *arg, bool lead)
+{
+    struct request *r = arg;
+
+    if (lead) {
+        r->fwait = NULL;
+        r->fleet_leader = true;
+        admit(r);
+        return;
+    }
+    /* another instance is on it: wait for its answer, and look now in case it is in */
+    fleet_wait(r->fwait, r->gw->conf->fleet.lease_ttl_ms, on_fleet_done);
+    r->sget = store_get(r->gw->store, r->key, on_fleet_lookup, r);
+}
+
+static bool
+fleet_claim_start(struct request *r)
+{
+    struct gateway *gw = r->gw;
+
+    if (!gw->store || !fleet_active(gw->fleet) || r->fleet_checked) {
+        return false;
+    }
+    r->fleet_checked = true;
+    r->fwait = fleet_claim(gw->fleet, r->key, gw->conf->fleet.lease_ttl_ms, on_fleet_claim, r);
+    if (!r->fwait) {
+        return false;
+    }
+    r->phase = PH_FLEET;
+    return true;
+}
+
 /* Shared by identical requests, queued, or refused: the way upstream. */
 static void
 dispatch(struct request *r)
@@ -1888,8 +2081,20 @@ dispatch(struct request *r)
         }
         if (!f) {
             flight_lead(r);
+            if (r->flight && fleet_claim_start(r)) {
+                return;
+            }
         }
     }
+    admit(r);
+}
+
+/* Into the queue, unless it is full: then refuse, or shed a lower class. */
+static void
+admit(struct request *r)
+{
+    struct gateway *gw = r->gw;
+
     /* admission: a full queue refuses, or sheds its newest lower-class request */
     if (gw->queue.total >= (size_t)gw->conf->queue.max_queued &&
         !(gw->queue.total == 0 && slot_free(gw, r))) {

@@ -214,41 +214,70 @@ store_get_cancel(struct store_get *g)
     }
 }
 
+struct put_ctx {
+    struct store *s;
+    void (*fn)(void *arg, bool ok);
+    void *arg;
+};
+
 static void
 on_put_reply(redisAsyncContext *ac, void *r, void *priv)
 {
-    struct store *s = priv;
+    struct put_ctx *pc = priv;
     redisReply *reply = r;
+    bool ok = reply && reply->type != REDIS_REPLY_ERROR;
 
     (void)ac;
-    s->pending--;
-    if (!reply || reply->type == REDIS_REPLY_ERROR) {
+    pc->s->pending--;
+    if (!ok) {
         count_error(reply ? "write" : "disconnect");
     } else {
         metrics_addf("dsgate_cache_stores_total", 1, "tier=\"redis\"");
     }
+    if (pc->fn) {
+        pc->fn(pc->arg, ok);
+    }
+    free(pc);
+}
+
+void
+store_put_then(struct store *s, const struct cache_entry *e, int64_t ttl_ms,
+               void (*fn)(void *arg, bool ok), void *arg)
+{
+    char k[256], ttl[24];
+    size_t len;
+    redisAsyncContext *ac = s ? rlink_ctx(s->link) : NULL;
+    char *val = NULL;
+    struct put_ctx *pc = NULL;
+
+    if (!ac || s->pending >= MAX_PENDING || ttl_ms <= 0 || !(val = cache_entry_encode(e, &len)) ||
+        !(pc = malloc(sizeof(*pc)))) {
+        free(val);
+        if (fn) {
+            fn(arg, false);
+        }
+        return;
+    }
+    pc->s = s;
+    pc->fn = fn;
+    pc->arg = arg;
+    size_t kl = make_key(s, e->key, k, sizeof(k));
+    int tl = snprintf(ttl, sizeof(ttl), "%lld", (long long)ttl_ms);
+    const char *argv[5] = { "SET", k, val, "PX", ttl };
+    size_t argvlen[5] = { 3, kl, len, 2, (size_t)tl };
+    if (redisAsyncCommandArgv(ac, on_put_reply, pc, 5, argv, argvlen) == REDIS_OK) {
+        s->pending++;
+    } else {
+        free(pc);
+        if (fn) {
+            fn(arg, false);
+        }
+    }
+    free(val);
 }
 
 void
 store_put(struct store *s, const struct cache_entry *e, int64_t ttl_ms)
 {
-    char k[256], ttl[24];
-    size_t len;
-
-    redisAsyncContext *ac = s ? rlink_ctx(s->link) : NULL;
-    if (!ac || s->pending >= MAX_PENDING || ttl_ms <= 0) {
-        return;
-    }
-    char *val = cache_entry_encode(e, &len);
-    if (!val) {
-        return;
-    }
-    size_t kl = make_key(s, e->key, k, sizeof(k));
-    int tl = snprintf(ttl, sizeof(ttl), "%lld", (long long)ttl_ms);
-    const char *argv[5] = { "SET", k, val, "PX", ttl };
-    size_t argvlen[5] = { 3, kl, len, 2, (size_t)tl };
-    if (redisAsyncCommandArgv(ac, on_put_reply, s, 5, argv, argvlen) == REDIS_OK) {
-        s->pending++;
-    }
-    free(val);
+    store_put_then(s, e, ttl_ms, NULL, NULL);
 }

@@ -39,6 +39,9 @@ void store_get_cancel(struct store_get *g);
 
 /* Write E with a TTL of TTL_MS (best effort). */
 void store_put(struct store *s, const struct cache_entry *e, int64_t ttl_ms);
+/* The same; FN(ARG, OK) runs once when Redis has answered (or at once if not sent). */
+void store_put_then(struct store *s, const struct cache_entry *e, int64_t ttl_ms,
+                    void (*fn)(void *arg, bool ok), void *arg);
 
 bool store_connected(const struct store *s);
 
