@@ -272,6 +272,9 @@ build_forward_headers(struct request *r)
         if (r->up->auth_header && strcasecmp(name, "Authorization") == 0) {
             continue;
         }
+        if (r->cacheable && strcasecmp(name, "Accept-Encoding") == 0) {
+            continue;               /* shared and cached answers stay uncompressed */
+        }
         if (strcasecmp(name, "Content-Type") == 0) {
             have_ct = true;
         } else if (strcasecmp(name, "Accept") == 0) {
@@ -783,7 +786,13 @@ follower_feed(struct request *r)
         if (f->sse && f->state != FL_FAILED) {
             follower_start(r, -1);
         } else if (f->state == FL_OK) {
-            follower_start(r, (int64_t)f->len);
+            /* like the leader's client: without leading keep-alive white space */
+            while (r->follow_off < f->len &&
+                   (f->buf[r->follow_off] == ' ' || f->buf[r->follow_off] == '\t' ||
+                    f->buf[r->follow_off] == '\r' || f->buf[r->follow_off] == '\n')) {
+                r->follow_off++;
+            }
+            follower_start(r, (int64_t)(f->len - r->follow_off));
         } else {
             return;                 /* wait for the whole answer */
         }
@@ -2179,7 +2188,7 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
         r->may_join = r->lookup;
         r->cache_status = no_store ? "bypass" : "miss";
         const char *cred = c->cache.shared ? NULL : http_req_header(hreq, "Authorization");
-        if (r->store_ok && cache_key(gw->cache_group, r->method, r->path, doc, cred, r->key) < 0) {
+        if (r->store_ok && cache_key(gw->cache_group, r->method, r->target, doc, cred, r->key) < 0) {
             r->store_ok = r->lookup = r->may_join = false;
         }
     }

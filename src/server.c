@@ -194,7 +194,7 @@ server_handle(struct http_req *req, void *arg)
     json_t *doc = NULL;
     if (strcmp(req->method, "POST") == 0 && path_is(c, req->path)) {
         json_error_t jerr;
-        doc = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, &jerr);
+        doc = json_loadb(req->body, req->body_len, 0, &jerr);
         if (!doc || !json_is_object(doc)) {
             char msg[256];
             snprintf(msg, sizeof(msg), "request body is not a valid JSON object%s%s",

@@ -44,6 +44,7 @@ struct store_get {
     struct event *timer;
     uint8_t key[CACHE_KEY_LEN];
     bool done;                  /* the requester has had its answer or left */
+    bool timed_out;             /* ... because Redis was too slow */
 };
 
 static void
@@ -128,6 +129,7 @@ get_timeout_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     g->done = true;
+    g->timed_out = true;
     count_error("timeout");
     g->fn(g->arg, NULL);
     if (++s->abandoned > MAX_ABANDONED) {
@@ -163,8 +165,8 @@ on_get_reply(redisAsyncContext *ac, void *r, void *priv)
         }
         g->done = true;
         g->fn(g->arg, e);
-    } else if (s->abandoned > 0) {
-        s->abandoned--;
+    } else if (g->timed_out && s->abandoned > 0) {
+        s->abandoned--;             /* a late reply: Redis is answering again */
     }
     event_free(g->timer);
     free(g);

@@ -77,7 +77,8 @@ def main():
         bad = [p for p in ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer")
                if p in log]
         if bad or rc != 0:
-            run.fail("clients_cache_dsgate_clean_exit", "exit %s, %s in %s" % (rc, bad, dc.log_path))
+            run.fail("clients_cache_dsgate_clean_exit",
+                     "exit %s, %s in %s" % (rc, bad, dc.log_path))
         else:
             run.ok("clients_cache_dsgate_clean_exit")
     rc = d.stop(15.0)
