@@ -1208,6 +1208,86 @@ http_reply_pending(const struct http_req *r)
     return evbuffer_get_length(req_conn(r)->out);
 }
 
+/* ---- parser check (fuzzing, tests) -------------------------------------- */
+
+int
+http_parse_check(const char *buf, size_t len, size_t max_headers, size_t max_body)
+{
+    struct http_server srv;
+    struct http_conn c;
+    const char *code, *msg;
+    int rc = 1;
+
+    memset(&srv, 0, sizeof(srv));
+    memset(&c, 0, sizeof(c));
+    srv.lim.max_headers = max_headers;
+    srv.lim.max_body = max_body;
+    c.srv = &srv;
+    c.in = evbuffer_new();
+    if (!c.in) {
+        return 500;
+    }
+    req_reset(&c);
+    evbuffer_add(c.in, buf, len);
+
+    /* the same steps as conn_process(), minus the socket */
+    size_t avail = evbuffer_get_length(c.in);
+    size_t scan = avail < max_headers + 4 ? avail : max_headers + 4;
+    unsigned char *d = evbuffer_pullup(c.in, (ssize_t)scan);
+    size_t skip = 0, hlen = 0;
+    while (skip < scan && (d[skip] == '\r' || d[skip] == '\n')) {
+        skip++;
+    }
+    for (size_t i = skip; i + 1 < scan; i++) {
+        if (d[i] == '\n' && (d[i + 1] == '\n' ||
+                             (d[i + 1] == '\r' && i + 2 < scan && d[i + 2] == '\n'))) {
+            hlen = i + (d[i + 1] == '\n' ? 2 : 3);
+            break;
+        }
+    }
+    if (hlen == 0) {
+        rc = scan - skip > max_headers ? 431 : 1;
+        goto out;
+    }
+    if (hlen - skip > max_headers) {
+        rc = 431;
+        goto out;
+    }
+    c.head = malloc(hlen - skip + 1);
+    if (!c.head) {
+        rc = 500;
+        goto out;
+    }
+    memcpy(c.head, d + skip, hlen - skip);
+    c.head[hlen - skip] = '\0';
+    evbuffer_drain(c.in, hlen);
+    rc = parse_head(&c, hlen - skip, &code, &msg);
+    if (rc != 0) {
+        goto out;
+    }
+    if (c.content_length > 0 || c.chunked) {
+        if (c.content_length > (int64_t)max_body) {
+            rc = 413;
+            goto out;
+        }
+        if (!c.chunked) {
+            c.body = malloc((size_t)c.content_length + 1);
+            c.body_cap = (size_t)c.content_length + 1;
+            if (!c.body) {
+                rc = 500;
+                goto out;
+            }
+        }
+        int r = read_body(&c, &msg);
+        rc = r < 0 ? -r : r == 1 ? 0 : 1;
+    }
+out:
+    req_reset(&c);
+    free(c.hdrs);
+    evbuffer_free(c.in);
+    return rc;
+}
+
 /* ---- listener --------------------------------------------------------- */
 
 static void

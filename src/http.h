@@ -112,6 +112,14 @@ bool http_reply_started(const struct http_req *r);
 /* Bytes queued for the client and not yet written to the socket. */
 size_t http_reply_pending(const struct http_req *r);
 
+/*
+ * Run the request parser (head, framing, body) over BUF as if it had
+ * arrived on a connection, without sockets: for fuzzing and unit tests.
+ * Returns 0 for a complete valid request, 1 when more bytes are needed,
+ * else the HTTP status the connection would answer (400, 405, 413, ...).
+ */
+int http_parse_check(const char *buf, size_t len, size_t max_headers, size_t max_body);
+
 /* Monotonic clock in microseconds. */
 int64_t http_now_us(void);
 
