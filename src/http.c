@@ -797,6 +797,50 @@ dispatch(struct http_conn *c)
     s->handler(&c->req, s->arg);
 }
 
+/*
+ * Where the request head in the input ends: its length including blank
+ * lines before it (tolerated, RFC 9112 2.2), or 0 when it is not complete
+ * within the bytes scanned.  *D, *SCAN and *SKIP describe the scanned
+ * bytes and the blank lines.
+ */
+static size_t
+head_end(struct http_conn *c, unsigned char **d, size_t *scan, size_t *skip)
+{
+    size_t avail = evbuffer_get_length(c->in), max = c->srv->lim.max_headers;
+
+    *scan = avail < max + 4 ? avail : max + 4;
+    *d = evbuffer_pullup(c->in, (ssize_t)*scan);
+    *skip = 0;
+    while (*skip < *scan && ((*d)[*skip] == '\r' || (*d)[*skip] == '\n')) {
+        (*skip)++;
+    }
+    for (size_t i = *skip; i + 1 < *scan; i++) {
+        const unsigned char *p = *d;
+        if (p[i] == '\n' && (p[i + 1] == '\n' ||
+                             (p[i + 1] == '\r' && i + 2 < *scan && p[i + 2] == '\n'))) {
+            return i + (p[i + 1] == '\n' ? 2 : 3);
+        }
+    }
+    return 0;
+}
+
+/* A body is announced: check its size and make room.  0 or a status. */
+static int
+body_begin(struct http_conn *c)
+{
+    if (c->content_length > (int64_t)c->srv->lim.max_body) {
+        return 413;
+    }
+    if (!c->chunked) {
+        c->body = malloc((size_t)c->content_length + 1);
+        c->body_cap = (size_t)c->content_length + 1;
+        if (!c->body) {
+            return 500;
+        }
+    }
+    return 0;
+}
+
 /* Make as much progress as the buffered input allows. */
 static void
 conn_process(struct http_conn *c)
@@ -813,22 +857,9 @@ conn_process(struct http_conn *c)
         timer_set(c, s->lim.header_timeout_ms);
     }
     if (c->state == CS_HEAD) {
-        size_t avail = evbuffer_get_length(c->in);
-        size_t scan = avail < s->lim.max_headers + 4 ? avail : s->lim.max_headers + 4;
-        /* tolerate blank lines before a request (RFC 9112 2.2) */
-        unsigned char *d = evbuffer_pullup(c->in, (ssize_t)scan);
-        size_t skip = 0;
-        while (skip < scan && (d[skip] == '\r' || d[skip] == '\n')) {
-            skip++;
-        }
-        size_t hlen = 0;
-        for (size_t i = skip; i + 1 < scan; i++) {
-            if (d[i] == '\n' && (d[i + 1] == '\n' ||
-                                 (d[i + 1] == '\r' && i + 2 < scan && d[i + 2] == '\n'))) {
-                hlen = i + (d[i + 1] == '\n' ? 2 : 3);
-                break;
-            }
-        }
+        size_t scan, skip;
+        unsigned char *d;
+        size_t hlen = head_end(c, &d, &scan, &skip);
         if (hlen == 0) {
             if (scan - skip > s->lim.max_headers) {
                 conn_fail(c, 431, "request_header_fields_too_large",
@@ -857,17 +888,11 @@ conn_process(struct http_conn *c)
             return;
         }
         if (c->content_length > 0 || c->chunked) {
-            if (c->content_length > (int64_t)s->lim.max_body) {
-                conn_fail(c, 413, "request_too_large", "request body exceeds limits.max_body");
+            st = body_begin(c);
+            if (st != 0) {
+                conn_fail(c, st, st == 413 ? "request_too_large" : "internal_error",
+                          st == 413 ? "request body exceeds limits.max_body" : "out of memory");
                 return;
-            }
-            if (!c->chunked) {
-                c->body = malloc((size_t)c->content_length + 1);
-                c->body_cap = (size_t)c->content_length + 1;
-                if (!c->body) {
-                    conn_fail(c, 500, "internal_error", "out of memory");
-                    return;
-                }
             }
             if (c->expect_continue && evbuffer_get_length(c->in) == 0) {
                 static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -1231,20 +1256,9 @@ http_parse_check(const char *buf, size_t len, size_t max_headers, size_t max_bod
     evbuffer_add(c.in, buf, len);
 
     /* the same steps as conn_process(), minus the socket */
-    size_t avail = evbuffer_get_length(c.in);
-    size_t scan = avail < max_headers + 4 ? avail : max_headers + 4;
-    unsigned char *d = evbuffer_pullup(c.in, (ssize_t)scan);
-    size_t skip = 0, hlen = 0;
-    while (skip < scan && (d[skip] == '\r' || d[skip] == '\n')) {
-        skip++;
-    }
-    for (size_t i = skip; i + 1 < scan; i++) {
-        if (d[i] == '\n' && (d[i + 1] == '\n' ||
-                             (d[i + 1] == '\r' && i + 2 < scan && d[i + 2] == '\n'))) {
-            hlen = i + (d[i + 1] == '\n' ? 2 : 3);
-            break;
-        }
-    }
+    size_t scan, skip;
+    unsigned char *d;
+    size_t hlen = head_end(&c, &d, &scan, &skip);
     if (hlen == 0) {
         rc = scan - skip > max_headers ? 431 : 1;
         goto out;
@@ -1266,17 +1280,9 @@ http_parse_check(const char *buf, size_t len, size_t max_headers, size_t max_bod
         goto out;
     }
     if (c.content_length > 0 || c.chunked) {
-        if (c.content_length > (int64_t)max_body) {
-            rc = 413;
+        rc = body_begin(&c);
+        if (rc != 0) {
             goto out;
-        }
-        if (!c.chunked) {
-            c.body = malloc((size_t)c.content_length + 1);
-            c.body_cap = (size_t)c.content_length + 1;
-            if (!c.body) {
-                rc = 500;
-                goto out;
-            }
         }
         int r = read_body(&c, &msg);
         rc = r < 0 ? -r : r == 1 ? 0 : 1;
