@@ -41,10 +41,11 @@ UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=build/asan/%)
 # Debian packages: build libraries, then what the tests use.
 DEB_BUILD := build-essential pkg-config libevent-dev libcurl4-openssl-dev libjansson-dev \
              libhiredis-dev libyaml-dev libssl-dev
-DEB_TEST  := libcmocka-dev
+DEB_TEST  := libcmocka-dev python3-yaml
 # command:package pairs; a command already on PATH (for example a Node.js
 # from elsewhere) is used as it is
-DEB_TOOLS := redis-server:redis-server python3:python3 curl:curl node:nodejs npm:npm
+DEB_TOOLS := redis-server:redis-server python3:python3 curl:curl node:nodejs npm:npm \
+             promtool:prometheus systemd-analyze:systemd
 
 .PHONY: all deps run test unit integration clients install clean fuzz bench
 
@@ -97,14 +98,17 @@ run: deps
 	./build/dsgate -c conf/dsgate.yaml
 
 test: deps
-	$(Q)$(MAKE) --no-print-directory build/asan/dsgate build/fake_upstream $(UNIT_BINS)
+	$(Q)$(MAKE) --no-print-directory build/dsgate build/asan/dsgate build/fake_upstream $(UNIT_BINS)
 	$(Q)tests/run.sh
 
 install: build/dsgate
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSCONFDIR)/dsgate $(DESTDIR)/lib/systemd/system
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSCONFDIR)/dsgate $(DESTDIR)/lib/systemd/system \
+	    $(DESTDIR)$(PREFIX)/share/doc/dsgate
 	install -m 0755 build/dsgate $(DESTDIR)$(PREFIX)/bin/dsgate
+	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/dsgate/README.md
 	[ -e $(DESTDIR)$(SYSCONFDIR)/dsgate/dsgate.yaml ] || install -m 0644 conf/dsgate.yaml $(DESTDIR)$(SYSCONFDIR)/dsgate/dsgate.yaml
-	sed 's|@BINDIR@|$(PREFIX)/bin|g; s|@SYSCONF@|$(SYSCONFDIR)|g' systemd/dsgate.service > $(DESTDIR)/lib/systemd/system/dsgate.service
+	sed 's|@BINDIR@|$(PREFIX)/bin|g; s|@SYSCONF@|$(SYSCONFDIR)|g; s|@DOCDIR@|$(PREFIX)/share/doc/dsgate|g' \
+	    systemd/dsgate.service > $(DESTDIR)/lib/systemd/system/dsgate.service
 	chmod 0644 $(DESTDIR)/lib/systemd/system/dsgate.service
 
 clean:

@@ -79,7 +79,7 @@ struct gateway {
     struct gw_client *clients;  /* those whose token variable is set */
     size_t nclients;
     bool require_client;        /* clients: configured */
-    struct sched_queue queue;   /* requests waiting for an upstream slot */
+    struct sched_set queue;     /* requests waiting for an upstream slot */
     struct cache_mem *mem;      /* memory tier of the cache */
     struct store *store;        /* Redis tier, or NULL */
     struct fleet *fleet;        /* fleet mode, or NULL */
@@ -108,6 +108,8 @@ void gw_upstream_unref(struct gw_upstream *u);
 
 /* The front door: every request from http.c lands here. */
 void server_handle(struct http_req *req, void *arg);
+/* http.c refused a request itself (framing, limits): log and count it. */
+void server_on_http_reject(const struct http_req *req, int status, const char *code, void *arg);
 /* admin_listen: only /metrics, /healthz and /readyz. */
 void server_handle_admin(struct http_req *req, void *arg);
 
@@ -115,14 +117,22 @@ void server_handle_admin(struct http_req *req, void *arg);
 void request_shutdown(struct gateway *gw);
 
 /*
- * Proxy an admitted request (request.c).  Takes over REQ.  DOC is the
- * parsed body of a request on a cache path (borrowed), else NULL.
+ * Proxy an admitted request (request.c).  Takes over REQ.  DOC is its
+ * parsed JSON body (borrowed) or NULL; CACHE_PATH: on cache.paths.
  */
-void request_start(struct gateway *gw, struct http_req *req, enum prio prio, const void *doc);
+void request_start(struct gateway *gw, struct http_req *req, enum prio prio, const void *doc,
+                   bool cache_path);
 
 /* Set up and tear down the table of cacheable requests in flight. */
 int request_cache_setup(struct gateway *gw);
 void request_cache_free(struct gateway *gw);
+
+/*
+ * A request answered without being proxied (refused by the server or the
+ * HTTP layer): its access-log line and its count.  END says why.
+ */
+void request_note_reject(const struct http_req *req, enum prio prio, int status,
+                         const char *end);
 
 /* Start queued requests while upstream slots are free. */
 void request_pump(struct gateway *gw);

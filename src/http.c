@@ -105,6 +105,8 @@ struct http_server {
     struct http_limits lim;
     http_handler_fn handler;
     void *arg;
+    http_reject_fn on_reject;
+    void *reject_arg;
     struct http_conn *conns;
     size_t nconns;
     bool close_idle;
@@ -397,6 +399,10 @@ conn_fail(struct http_conn *c, int status, const char *code, const char *msg)
     c->keep_alive = false;
     evtimer_del(c->ev_timer);
     conn_pause_read(c, true);
+    if (c->srv->on_reject && c->req.t_start_us) {
+        c->req.id = ++c->srv->next_id;
+        c->srv->on_reject(&c->req, status, code, c->srv->reject_arg);
+    }
     http_reply_error(&c->req, status, "invalid_request_error", code, msg);
 }
 
@@ -1467,6 +1473,13 @@ void
 http_server_set_limits(struct http_server *s, const struct http_limits *lim)
 {
     s->lim = *lim;
+}
+
+void
+http_server_set_reject_hook(struct http_server *s, http_reject_fn fn, void *arg)
+{
+    s->on_reject = fn;
+    s->reject_arg = arg;
 }
 
 void

@@ -61,6 +61,14 @@ struct http_server *http_server_new(struct event_base *base, const char *addr,
                                     const struct http_limits *lim,
                                     http_handler_fn handler, void *arg);
 void http_server_set_limits(struct http_server *s, const struct http_limits *lim);
+/*
+ * Called when the server refuses a request itself (400, 405, 408, 413,
+ * 431, ...), before its error reply; REQ may be partly parsed (method or
+ * path NULL).
+ */
+typedef void (*http_reject_fn)(const struct http_req *req, int status, const char *code,
+                               void *arg);
+void http_server_set_reject_hook(struct http_server *s, http_reject_fn fn, void *arg);
 /* Close the listening socket: no new connections (drain). */
 void http_server_stop_accepting(struct http_server *s);
 /* Close idle keep-alive connections now and after each reply from now on. */

@@ -19,6 +19,7 @@
 #include "upstream.h"
 
 #define MODELS_TTL_MS   60000
+#define MODELS_RETRY_MS 5000
 #define MODELS_TIMEOUT  10000
 #define MODELS_MAX_BODY (1024 * 1024)
 
@@ -68,6 +69,7 @@ models_reply(struct models_fetch *mf)
 {
     struct gateway *gw = mf->gw;
     json_t *data = json_array(), *seen = json_object();
+    bool partial = false;
 
     for (size_t i = 0; i < gw->nups; i++) {
         const struct conf_upstream *u = gw->ups[i]->conf;
@@ -78,6 +80,7 @@ models_reply(struct models_fetch *mf)
     for (size_t i = 0; i < mf->nparts; i++) {
         struct models_part *p = &mf->parts[i];
         if (p->status != 200 || !p->body) {
+            partial = true;
             continue;
         }
         size_t n = evbuffer_get_length(p->body);
@@ -101,7 +104,8 @@ models_reply(struct models_fetch *mf)
     if (text) {
         free(models_cache);
         models_cache = text;
-        models_cache_until_us = http_now_us() + MODELS_TTL_MS * 1000;
+        /* an incomplete list is kept briefly, so a recovered upstream shows soon */
+        models_cache_until_us = http_now_us() + (partial ? MODELS_RETRY_MS : MODELS_TTL_MS) * 1000;
     }
     if (mf->req) {
         static const struct http_header ct[] = { { "Content-Type", "application/json" } };

@@ -954,6 +954,18 @@ on_store_reply(void *arg, struct cache_entry *e)
 }
 
 
+/* Do requests for the same upstreams (SIG) wait already? */
+static bool
+queued_for(const struct gateway *gw, uint64_t sig)
+{
+    for (unsigned i = 0; i < SCHED_GROUPS; i++) {
+        if (gw->queue.g[i].used && gw->queue.g[i].sig == sig) {
+            return true;
+        }
+    }
+    return gw->queue.g[SCHED_GROUPS - 1].used;     /* the shared overflow queue */
+}
+
 /* Wait for a slot: at once if one is free and nobody waits, else queue. */
 static void
 enqueue(struct request *r)
@@ -961,14 +973,21 @@ enqueue(struct request *r)
     struct gateway *gw = r->gw;
     int64_t now = http_now_us();
 
-    if (gw->queue.total == 0) {
+    uint64_t sig = 0;
+    for (size_t i = 0; i < gw->nups; i++) {
+        if (eligible(r, gw->ups[i])) {
+            sig |= (uint64_t)1 << i;
+        }
+    }
+    if (gw->queue.total == 0 || !queued_for(gw, sig)) {
         struct gw_upstream *up = pick_upstream(gw, r);
         if (up) {
+            metrics_observe("dsgate_queue_wait_seconds", NULL, 0);
             attempt(r, up);
             return;
         }
     }
-    sched_queue_push(&gw->queue, &r->item, r->prio, now);
+    sched_set_push(&gw->queue, &r->item, sig, r->prio, now);
     r->phase = PH_QUEUED;
     int64_t left_ms = gw->conf->queue.max_wait_ms - r->queue_us / 1000;
     timer_arm(r, TIMER_QUEUE, left_ms > 0 ? left_ms : 0);
@@ -981,7 +1000,7 @@ enqueue(struct request *r)
 static void
 dequeued(struct request *r, int64_t now)
 {
-    sched_queue_remove(&r->gw->queue, &r->item);
+    sched_set_remove(&r->gw->queue, &r->item);
     int64_t waited = now - r->item.t_enq_us;
     r->queue_us += waited;
     metrics_observe("dsgate_queue_wait_seconds", NULL, (double)waited / 1e6);
@@ -1007,26 +1026,31 @@ void
 request_pump(struct gateway *gw)
 {
     int64_t now = http_now_us();
-    struct sched_item *it;
 
-    while ((it = sched_queue_peek(&gw->queue, now, gw->conf->queue.aging_ms * 1000))) {
-        struct request *r = item_request(it);
-        struct gw_upstream *up = pick_upstream(gw, r);
-        if (!up) {
-            struct gw_upstream *blocked = auth_blocked(r);
-            if (!blocked) {
-                if (fleet_active(gw->fleet)) {
-                    want_leases(gw, r);
-                }
-                break;
+    for (;;) {
+        struct sched_item *heads[SCHED_GROUPS];
+        size_t n = sched_set_heads(&gw->queue, now, gw->conf->queue.aging_ms * 1000, heads);
+        bool moved = false;
+        for (size_t i = 0; i < n && !moved; i++) {
+            struct request *r = item_request(heads[i]);
+            struct gw_upstream *up = pick_upstream(gw, r);
+            struct gw_upstream *blocked = up ? NULL : auth_blocked(r);
+            if (up) {
+                dequeued(r, now);
+                attempt(r, up);
+                moved = true;
+            } else if (blocked) {
+                dequeued(r, now);
+                reply_auth_blocked(r, blocked);
+                request_finish(r);
+                moved = true;
+            } else if (fleet_active(gw->fleet)) {
+                want_leases(gw, r);
             }
-            dequeued(r, now);
-            reply_auth_blocked(r, blocked);
-            request_finish(r);
-            continue;
         }
-        dequeued(r, now);
-        attempt(r, up);
+        if (!moved) {
+            break;
+        }
     }
     fleet_trim(gw->fleet);
     request_update_gauges(gw);
@@ -1090,6 +1114,22 @@ schedule_retry(struct request *r, const char *reason)
     r->discarding = false;
     r->status = 0;
     timer_arm(r, TIMER_BACKOFF, r->next_delay_ms);
+}
+
+/* The outcome label of an attempt that got an answer with STATUS. */
+static const char *
+status_outcome(int status)
+{
+    if (status < 400) {
+        return "ok";
+    }
+    if (status == 429 || status == 503) {
+        return status == 429 ? "429" : "503";
+    }
+    if (status == 401 || status == 402 || status == 403) {
+        return "auth";
+    }
+    return status < 500 ? "4xx" : "5xx";
 }
 
 static void
@@ -1511,7 +1551,7 @@ on_done(void *arg, enum up_result res, const char *detail)
         }
     }
     if (res == UP_OK && r->discarding) {
-        count_attempt(r, r->retry_reason);
+        count_attempt(r, status_outcome(r->status));
         schedule_retry(r, r->retry_reason);
         request_pump(r->gw);
         return;
@@ -1519,7 +1559,7 @@ on_done(void *arg, enum up_result res, const char *detail)
     bool before_data = !r->data_sent && r->hreq;
     switch (res) {
     case UP_OK:
-        count_attempt(r, r->status < 400 ? "ok" : r->status < 500 ? "4xx" : "5xx");
+        count_attempt(r, status_outcome(r->status));
         r->end = "completed";
         if (r->rewriting) {
             forward_rewritten(r, NULL, 0, true);
@@ -1580,7 +1620,7 @@ on_done(void *arg, enum up_result res, const char *detail)
         break;
     case UP_ABORTED:
         if (r->late_status) {
-            count_attempt(r, r->late_status < 500 ? "4xx" : "5xx");
+            count_attempt(r, status_outcome(r->late_status));
             char msg[96];
             snprintf(msg, sizeof(msg), "upstream answered %d after the stream had started",
                      r->late_status);
@@ -1716,6 +1756,38 @@ access_log(struct request *r)
 }
 
 static void
+count_request(const struct request *r)
+{
+    char labels[96];
+
+    snprintf(labels, sizeof(labels), "code=\"%d\",priority=\"%s\",cache=\"%s\"",
+             r->status ? r->status : 499, conf_priority_name(r->prio), r->cache_status);
+    metrics_add("dsgate_requests_total", labels, 1);
+    metrics_observe("dsgate_request_duration_seconds", NULL,
+                    (double)(http_now_us() - r->t_start_us) / 1e6);
+}
+
+void
+request_note_reject(const struct http_req *req, enum prio prio, int status, const char *end)
+{
+    struct request tmp;
+
+    memset(&tmp, 0, sizeof(tmp));
+    tmp.id = req->id;
+    snprintf(tmp.method, sizeof(tmp.method), "%s", req->method ? req->method : "-");
+    tmp.path = (char *)(req->path ? req->path : "-");
+    tmp.status = status;
+    tmp.prio = prio;
+    tmp.cache_status = "none";
+    tmp.t_start_us = req->t_start_us ? req->t_start_us : http_now_us();
+    tmp.body_len = req->body_len;
+    tmp.end = end;
+    tmp.tokens[0] = tmp.tokens[1] = tmp.tokens[2] = tmp.tokens[3] = -1;
+    access_log(&tmp);
+    count_request(&tmp);
+}
+
+static void
 request_finish(struct request *r)
 {
     if (r->finished) {
@@ -1724,7 +1796,7 @@ request_finish(struct request *r)
     r->finished = true;
     r->phase = PH_DONE;
     if (r->item.queued) {
-        sched_queue_remove(&r->gw->queue, &r->item);
+        sched_set_remove(&r->gw->queue, &r->item);
     }
     if (r->sget) {
         store_get_cancel(r->sget);
@@ -1753,12 +1825,7 @@ request_finish(struct request *r)
     }
     slot_release(r);
     access_log(r);
-    char labels[96];
-    snprintf(labels, sizeof(labels), "code=\"%d\",priority=\"%s\",cache=\"%s\"",
-             r->status ? r->status : 499, conf_priority_name(r->prio), r->cache_status);
-    metrics_add("dsgate_requests_total", labels, 1);
-    metrics_observe("dsgate_request_duration_seconds", NULL,
-                    (double)(http_now_us() - r->t_start_us) / 1e6);
+    count_request(r);
     r->gw->live_requests--;
     if (r->lprev) {
         r->lprev->lnext = r->lnext;
@@ -2107,7 +2174,7 @@ admit(struct request *r)
     /* admission: a full queue refuses, or sheds its newest lower-class request */
     if (gw->queue.total >= (size_t)gw->conf->queue.max_queued &&
         !(gw->queue.total == 0 && slot_free(gw, r))) {
-        struct sched_item *victim = sched_queue_victim(&gw->queue, r->prio);
+        struct sched_item *victim = sched_set_victim(&gw->queue, r->prio);
         if (!victim) {
             metrics_addf("dsgate_queue_rejected_total", 1, "reason=\"full\"");
             fail(r, 429, "queue_full", "too many requests waiting; retry later", "queue_full");
@@ -2147,7 +2214,8 @@ cache_directives(const struct http_req *hreq, bool *no_store, bool *no_cache)
 }
 
 void
-request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const void *doc)
+request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const void *doc,
+              bool cache_path)
 {
     struct request *r = calloc(1, sizeof(*r));
     const struct conf *c = gw->conf;
@@ -2179,7 +2247,7 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
     }
     http_req_set_callbacks(hreq, on_client_close, on_client_drain, r);
 
-    if (doc && c->cache.enabled) {
+    if (doc && cache_path && c->cache.enabled) {
         bool no_store, no_cache;
         cache_directives(hreq, &no_store, &no_cache);
         r->cacheable = true;
@@ -2194,7 +2262,7 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
     }
     r->body = http_req_take_body(hreq, &r->body_len);
     r->tokens[0] = r->tokens[1] = r->tokens[2] = r->tokens[3] = -1;
-    if (doc) {
+    if (doc && cache_path) {
         r->tail = malloc(USAGE_TAIL);   /* no tokens counted if this fails */
     }
     const json_t *model = doc ? json_object_get(doc, "model") : NULL;

@@ -98,6 +98,95 @@ sched_queue_victim(const struct sched_queue *q, enum prio p)
 }
 
 void
+sched_set_push(struct sched_set *s, struct sched_item *it, uint64_t sig, enum prio p,
+               int64_t now_us)
+{
+    unsigned gi = SCHED_GROUPS - 1, free_gi = SCHED_GROUPS;
+
+    for (unsigned i = 0; i < SCHED_GROUPS; i++) {
+        if (s->g[i].used && s->g[i].sig == sig) {
+            free_gi = i;
+            break;
+        }
+        if (!s->g[i].used && free_gi == SCHED_GROUPS) {
+            free_gi = i;
+        }
+    }
+    if (free_gi < SCHED_GROUPS) {
+        gi = free_gi;
+    }
+    if (!s->g[gi].used) {
+        s->g[gi].used = true;
+        s->g[gi].sig = sig;
+    }
+    it->group = gi;
+    sched_queue_push(&s->g[gi].q, it, p, now_us);
+    s->total++;
+    s->depth[p]++;
+}
+
+void
+sched_set_remove(struct sched_set *s, struct sched_item *it)
+{
+    if (!it->queued) {
+        return;
+    }
+    struct sched_queue *q = &s->g[it->group].q;
+    s->total--;
+    s->depth[it->prio]--;
+    sched_queue_remove(q, it);
+    if (q->total == 0) {
+        s->g[it->group].used = false;   /* free for another destination */
+    }
+}
+
+size_t
+sched_set_heads(const struct sched_set *s, int64_t now_us, int64_t aging_us,
+                struct sched_item **out)
+{
+    size_t n = 0;
+
+    for (unsigned i = 0; i < SCHED_GROUPS; i++) {
+        struct sched_item *h = s->g[i].used ? sched_queue_peek(&s->g[i].q, now_us, aging_us)
+                                            : NULL;
+        if (!h) {
+            continue;
+        }
+        /* insertion sort: few queues */
+        enum prio cls = sched_effective(h, now_us, aging_us);
+        size_t j = n++;
+        while (j > 0) {
+            enum prio oc = sched_effective(out[j - 1], now_us, aging_us);
+            if (oc < cls || (oc == cls && out[j - 1]->t_enq_us <= h->t_enq_us)) {
+                break;
+            }
+            out[j] = out[j - 1];
+            j--;
+        }
+        out[j] = h;
+    }
+    return n;
+}
+
+struct sched_item *
+sched_set_victim(const struct sched_set *s, enum prio p)
+{
+    for (int c = PRIO_COUNT - 1; c > (int)p; c--) {
+        struct sched_item *best = NULL;
+        for (unsigned i = 0; i < SCHED_GROUPS; i++) {
+            struct sched_item *t = s->g[i].used ? s->g[i].q.tail[c] : NULL;
+            if (t && (!best || t->t_enq_us > best->t_enq_us)) {
+                best = t;
+            }
+        }
+        if (best) {
+            return best;
+        }
+    }
+    return NULL;
+}
+
+void
 sched_limit_init(struct sched_limit *l, int max_inflight, bool adaptive)
 {
     l->max_inflight = max_inflight;

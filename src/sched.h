@@ -30,6 +30,7 @@ struct sched_item {
     enum prio prio;             /* class at enqueue */
     int64_t t_enq_us;
     bool queued;
+    unsigned group;             /* in a sched_set: which queue */
 };
 
 struct sched_queue {
@@ -47,6 +48,33 @@ struct sched_item *sched_queue_peek(const struct sched_queue *q, int64_t now_us,
 enum prio sched_effective(const struct sched_item *it, int64_t now_us, int64_t aging_us);
 /* The newest item of a class strictly lower than P (for displacement); NULL if none. */
 struct sched_item *sched_queue_victim(const struct sched_queue *q, enum prio p);
+
+/*
+ * Queues by destination: requests that can use the same set of upstreams
+ * (SIG, a bit per upstream) share a queue, so a request is never held
+ * behind one that waits for a different, busy upstream.  Past
+ * SCHED_GROUPS distinct sets, the rest share the last queue.
+ */
+#define SCHED_GROUPS 32
+
+struct sched_set {
+    struct {
+        uint64_t sig;
+        bool used;
+        struct sched_queue q;
+    } g[SCHED_GROUPS];
+    size_t total;
+    size_t depth[PRIO_COUNT];
+};
+
+void sched_set_push(struct sched_set *s, struct sched_item *it, uint64_t sig, enum prio p,
+                    int64_t now_us);
+void sched_set_remove(struct sched_set *s, struct sched_item *it);
+/* The head of every non-empty queue, best first (class after aging, then age). */
+size_t sched_set_heads(const struct sched_set *s, int64_t now_us, int64_t aging_us,
+                       struct sched_item **out);
+/* The newest item of the lowest class below P across all queues; NULL if none. */
+struct sched_item *sched_set_victim(const struct sched_set *s, enum prio p);
 
 struct sched_limit {
     int max_inflight;

@@ -139,6 +139,23 @@ own_endpoint(struct gateway *gw, struct http_req *req)
     return false;
 }
 
+/* Refuse REQ with an OpenAI-shaped error, logged and counted like any request. */
+static void
+reject(struct http_req *req, enum prio prio, int status, const char *type, const char *code,
+       const char *msg)
+{
+    request_note_reject(req, prio, status, code);
+    http_reply_error(req, status, type, code, msg);
+}
+
+void
+server_on_http_reject(const struct http_req *req, int status, const char *code, void *arg)
+{
+    const struct gateway *gw = arg;
+
+    request_note_reject(req, gw->conf->queue.default_priority, status, code);
+}
+
 void
 server_handle_admin(struct http_req *req, void *arg)
 {
@@ -159,7 +176,7 @@ server_handle(struct http_req *req, void *arg)
         return;
     }
     if (gw->draining) {
-        http_reply_error(req, 503, "server_busy", "shutting_down", "dsgate is shutting down");
+        reject(req, prio, 503, "server_busy", "shutting_down", "dsgate is shutting down");
         return;
     }
     /*
@@ -170,8 +187,8 @@ server_handle(struct http_req *req, void *arg)
     if (gw->require_client) {
         const struct gw_client *cl = client_find(gw, req);
         if (!cl) {
-            http_reply_error(req, 401, "authentication_error", "invalid_client_token",
-                             "missing or unknown client token");
+            reject(req, prio, 401, "authentication_error", "invalid_client_token",
+                   "missing or unknown client token");
             return;
         }
         prio = ceiling = cl->priority;
@@ -179,8 +196,8 @@ server_handle(struct http_req *req, void *arg)
     const char *pv = http_req_header(req, "X-Priority");
     if (pv) {
         if (conf_parse_priority(pv, &prio) < 0) {
-            http_reply_error(req, 400, "invalid_request_error", "invalid_priority",
-                             "X-Priority must be high, medium or low");
+            reject(req, c->queue.default_priority, 400, "invalid_request_error",
+                   "invalid_priority", "X-Priority must be high, medium or low");
             return;
         }
         if (prio < ceiling) {
@@ -191,8 +208,14 @@ server_handle(struct http_req *req, void *arg)
         models_handle(gw, req);
         return;
     }
+    /*
+     * Bodies are parsed on the JSON endpoints (cache.paths: invalid JSON is
+     * a 400) and, when model aliases route requests, on any JSON POST
+     * (leniently).  Other requests pass through unparsed.
+     */
     json_t *doc = NULL;
-    if (strcmp(req->method, "POST") == 0 && path_is(c, req->path)) {
+    bool cache_path = strcmp(req->method, "POST") == 0 && path_is(c, req->path);
+    if (cache_path) {
         json_error_t jerr;
         doc = json_loadb(req->body, req->body_len, 0, &jerr);
         if (!doc || !json_is_object(doc)) {
@@ -200,10 +223,19 @@ server_handle(struct http_req *req, void *arg)
             snprintf(msg, sizeof(msg), "request body is not a valid JSON object%s%s",
                      doc ? "" : ": ", doc ? "" : jerr.text);
             json_decref(doc);
-            http_reply_error(req, 400, "invalid_request_error", "invalid_json", msg);
+            reject(req, prio, 400, "invalid_request_error", "invalid_json", msg);
             return;
         }
+    } else if (gw->has_aliases && req->body_len > 0 && strcmp(req->method, "POST") == 0) {
+        const char *ct = http_req_header(req, "Content-Type");
+        if (ct && strncasecmp(ct, "application/json", 16) == 0) {
+            doc = json_loadb(req->body, req->body_len, 0, NULL);
+            if (doc && !json_is_object(doc)) {
+                json_decref(doc);
+                doc = NULL;
+            }
+        }
     }
-    request_start(gw, req, prio, doc);
+    request_start(gw, req, prio, doc, cache_path);
     json_decref(doc);
 }

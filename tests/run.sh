@@ -103,6 +103,10 @@ for t in tests/integration/test_*.py; do
     run_suite "$(basename "$t" .py)" timeout 300 "$PY" -u "$t"
 done
 
+# ---------------------------------------------------------------- packaging
+section "packaging: tests/ops/test_packaging.sh"
+run_suite test_packaging timeout 120 bash tests/ops/test_packaging.sh
+
 # ---------------------------------------------------------------- clients
 section "client test: openai npm package"
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
