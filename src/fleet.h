@@ -11,8 +11,9 @@
  * deadlines hold fleet-wide.  Releases are published so that waiting
  * instances ask again at once.
  *
- * Shared adaptive limit: 429/503/504/timeouts seen by any instance cut
- * dsgate:fleet:limit:<upstream> (x0.7, at most once per 200 ms fleet-wide);
+ * Shared adaptive limit: when any instance's window of outcomes judges the
+ * upstream overloaded (sched.h), it cuts dsgate:fleet:limit:<upstream>
+ * (x0.7, at most once per 200 ms fleet-wide);
  * successes raise it by 1/limit each, sent once a second.  Leases are only
  * granted below that limit, so the fleet backs off and recovers together.
  *
@@ -67,7 +68,7 @@ char *fleet_take(struct fleet_up *fu);
 void fleet_want(struct fleet *f, struct fleet_up *fu, int max_inflight, size_t want);
 /* The transfer that held LEASE (from fleet_take) ended. */
 void fleet_release(struct fleet *f, struct fleet_up *fu, char *lease);
-/* Adaptive signal: OVERLOAD true for 429/503/504/timeouts, false for a success. */
+/* Adaptive signal: OVERLOAD true when this instance's window judged overload, false for a success. */
 void fleet_feedback(struct fleet *f, struct fleet_up *fu, int max_inflight, bool overload);
 
 /*

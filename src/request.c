@@ -150,6 +150,7 @@ struct request {
     bool moving;                /* the coming retry goes to another upstream at once */
     int64_t prev_delay_ms;
     const char *retry_reason;
+    char retry_status[8];       /* the status a retry is for, as its reason */
     int64_t queue_us;           /* time spent queued, all attempts */
     int64_t t_start_us;
     int64_t t_up_start_us;
@@ -346,9 +347,10 @@ slot_release(struct request *r)
 static void
 limit_feedback(struct request *r, bool overload)
 {
-    sched_limit_feedback(&r->up->limit, overload, http_now_us());
-    if (r->up->fleet) {
-        fleet_feedback(r->gw->fleet, r->up->fleet, r->up->conf->max_inflight, overload);
+    bool cut = sched_limit_feedback(&r->up->limit, overload, http_now_us());
+    if (r->up->fleet && (cut || !overload)) {
+        /* the fleet hears a cut when this instance's window judged overload */
+        fleet_feedback(r->gw->fleet, r->up->fleet, r->up->conf->max_inflight, cut);
     }
 }
 
@@ -587,6 +589,16 @@ static void attempt(struct request *r, struct gw_upstream *up);
 static void dispatch(struct request *r);
 static void follower_feed(struct request *r);
 
+/* Give every follower what it can take now. */
+static void
+flight_feed_all(struct flight *f)
+{
+    for (struct request *fr = f->followers, *next; fr; fr = next) {
+        next = fr->fnext;
+        follower_feed(fr);
+    }
+}
+
 static size_t
 flight_bucket(const uint8_t key[CACHE_KEY_LEN])
 {
@@ -714,9 +726,9 @@ flight_dissolve(struct flight *f, struct gateway *gw)
     if (f->leader && f->leader->flight == f) {
         f->leader->flight = NULL;
         f->leader = NULL;
-        flight_unref(f);
+        f->refs--;                  /* the leader's; the hold above keeps F */
     }
-    flight_unref(f);
+    flight_unref(f);                /* the hold */
 }
 
 static void
@@ -744,10 +756,7 @@ flight_append(struct flight *f, struct gateway *gw, const char *data, size_t len
     }
     memcpy(f->buf + f->len, data, len);
     f->len += len;
-    for (struct request *fr = f->followers, *next; fr; fr = next) {
-        next = fr->fnext;
-        follower_feed(fr);
-    }
+    flight_feed_all(f);
 }
 
 static void
@@ -841,10 +850,7 @@ flight_head(struct request *r, int status)
     f->status = status;
     f->sse = r->sse;
     snprintf(f->upstream, sizeof(f->upstream), "%s", r->up->conf->name);
-    for (struct request *fr = f->followers, *next; fr; fr = next) {
-        next = fr->fnext;
-        follower_feed(fr);
-    }
+    flight_feed_all(f);
 }
 
 /* The leader is done: store a good answer, finish or release followers. */
@@ -895,14 +901,11 @@ flight_finish(struct request *r, bool ok)
         fleet_finish(gw->fleet, r->key, false);
     }
     f->refs++;
-    for (struct request *fr = f->followers, *next; fr; fr = next) {
-        next = fr->fnext;
-        follower_feed(fr);
-    }
+    flight_feed_all(f);
     f->leader = NULL;
     r->flight = NULL;
-    flight_unref(f);                /* the leader's reference */
-    flight_unref(f);
+    f->refs--;                      /* the leader's; the hold above keeps F */
+    flight_unref(f);                /* the hold */
 }
 
 /* ---- cache hits ---------------------------------------------------------- */
@@ -1297,7 +1300,8 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         int64_t ra = retry_after_ms(retry_after, time(NULL));
         if (can_retry(r, ra)) {
             r->discarding = true;   /* read and drop the body; keeps the connection */
-            r->retry_reason = status == 429 ? "429" : status == 503 ? "503" : "5xx";
+            snprintf(r->retry_status, sizeof(r->retry_status), "%d", status);
+            r->retry_reason = r->retry_status;
             return UP_CONTINUE;
         }
     }
@@ -2044,15 +2048,12 @@ flight_from_entry(struct request *r, struct cache_entry *e)
             snprintf(f->upstream, sizeof(f->upstream), "%s", "cache");
             flight_untable(r->gw, f);
             f->state = FL_OK;
-            f->refs++;
-            for (struct request *fr = f->followers, *next; fr; fr = next) {
-                next = fr->fnext;
-                follower_feed(fr);
-            }
+            f->refs++;              /* hold it while followers finish */
+            flight_feed_all(f);
             f->leader = NULL;
             r->flight = NULL;
-            flight_unref(f);
-            flight_unref(f);
+            f->refs--;              /* the leader's; the hold keeps F */
+            flight_unref(f);        /* the hold */
         }
     }
     reply_entry(r, e, "redis");

@@ -193,7 +193,8 @@ sched_limit_init(struct sched_limit *l, int max_inflight, bool adaptive)
     l->adaptive = adaptive;
     l->limit = max_inflight;
     l->inflight = 0;
-    l->last_decrease_us = 0;
+    l->win_start_us = 0;
+    l->win_n = l->win_over = 0;
 }
 
 void
@@ -228,26 +229,39 @@ sched_limit_release(struct sched_limit *l)
     }
 }
 
-void
+bool
 sched_limit_feedback(struct sched_limit *l, bool overload, int64_t now_us)
 {
     if (!l->adaptive) {
-        return;
+        return false;
     }
+    if (l->win_n == 0) {
+        l->win_start_us = now_us;
+    }
+    l->win_n++;
     if (overload) {
-        if (now_us - l->last_decrease_us >= SCHED_DECREASE_GAP_MS * 1000) {
-            l->limit *= SCHED_DECREASE_FACTOR;
-            if (l->limit < 1) {
-                l->limit = 1;
-            }
-            l->last_decrease_us = now_us;
+        l->win_over++;
+    } else {
+        l->limit += 1.0 / l->limit;
+        if (l->limit > l->max_inflight) {
+            l->limit = l->max_inflight;
         }
-        return;
     }
-    l->limit += 1.0 / l->limit;
-    if (l->limit > l->max_inflight) {
-        l->limit = l->max_inflight;
+    bool closed = l->win_n >= SCHED_WINDOW_SAMPLES ||
+                  (l->win_n >= SCHED_MIN_SAMPLES &&
+                   now_us - l->win_start_us >= (int64_t)SCHED_WINDOW_MS * 1000);
+    if (!closed) {
+        return false;
     }
+    bool cut = (uint64_t)l->win_over * 100 >= (uint64_t)l->win_n * SCHED_OVERLOAD_PERCENT;
+    if (cut) {
+        l->limit *= SCHED_DECREASE_FACTOR;
+        if (l->limit < 1) {
+            l->limit = 1;
+        }
+    }
+    l->win_n = l->win_over = 0;
+    return cut;
 }
 
 int

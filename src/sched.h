@@ -7,11 +7,14 @@
  * requests; it links struct sched_item that the caller embeds.
  *
  * And a concurrency limiter per upstream: at most `limit` transfers in
- * flight.  With adaptive limits, an overload signal (503, 429, timeout)
- * cuts the limit multiplicatively (at most once per SCHED_DECREASE_GAP_MS,
- * never below 1) and each success raises it by 1/limit (about +1 per
- * round of successes), up to max_inflight: additive increase,
- * multiplicative decrease.
+ * flight.  With adaptive limits: each success raises the limit by 1/limit
+ * (about +1 per round of successes) up to max_inflight; overload signals
+ * (429, 503, 504, timeouts) are judged by their share of the outcomes in
+ * a window (SCHED_WINDOW_SAMPLES outcomes, or SCHED_WINDOW_MS with at least
+ * SCHED_MIN_SAMPLES): when they are SCHED_OVERLOAD_PERCENT or more, the
+ * limit is cut by SCHED_DECREASE_FACTOR, never below 1.  An upstream that
+ * is over its capacity fails a growing share of requests; one that fails a
+ * steady small share at random does not shrink the limit for nothing.
  */
 #ifndef DSGATE_SCHED_H
 #define DSGATE_SCHED_H
@@ -22,8 +25,11 @@
 
 #include "conf.h"
 
-#define SCHED_DECREASE_FACTOR 0.7
-#define SCHED_DECREASE_GAP_MS 200
+#define SCHED_DECREASE_FACTOR   0.7
+#define SCHED_WINDOW_SAMPLES    40
+#define SCHED_WINDOW_MS         1000
+#define SCHED_MIN_SAMPLES       4
+#define SCHED_OVERLOAD_PERCENT  30
 
 struct sched_item {
     struct sched_item *prev, *next;
@@ -81,7 +87,9 @@ struct sched_limit {
     bool adaptive;
     double limit;
     int inflight;
-    int64_t last_decrease_us;
+    int64_t win_start_us;       /* the current window of outcomes */
+    uint32_t win_n;
+    uint32_t win_over;
 };
 
 void sched_limit_init(struct sched_limit *l, int max_inflight, bool adaptive);
@@ -90,8 +98,12 @@ void sched_limit_configure(struct sched_limit *l, int max_inflight, bool adaptiv
 bool sched_limit_available(const struct sched_limit *l);
 void sched_limit_acquire(struct sched_limit *l);
 void sched_limit_release(struct sched_limit *l);
-/* OVERLOAD: the upstream answered 503/429 or timed out; else a success. */
-void sched_limit_feedback(struct sched_limit *l, bool overload, int64_t now_us);
+/*
+ * OVERLOAD: the upstream answered 429/503/504 or timed out; else a
+ * success.  Returns true when this outcome closed a window that cut the
+ * limit.
+ */
+bool sched_limit_feedback(struct sched_limit *l, bool overload, int64_t now_us);
 int sched_limit_current(const struct sched_limit *l);
 
 #endif
