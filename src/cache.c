@@ -18,8 +18,8 @@
 #include <openssl/evp.h>
 
 #define MEM_BUCKETS_MIN 1024
-#define MAGIC "DSGC"
-#define HDR_LEN (4 + 1 + 1 + 8 + CACHE_KEY_LEN + 2)
+#define MAGIC           "DSGC"
+#define HDR_LEN         (4 + 1 + 1 + 8 + CACHE_KEY_LEN + 2)
 
 int64_t
 cache_now_ms(void)
@@ -57,7 +57,7 @@ cache_key(const char *group, const char *method, const char *path, const json_t 
     if (!canon || !md) {
         goto out;
     }
-    uint8_t cred[CACHE_KEY_LEN] = { 0 };
+    uint8_t cred[CACHE_KEY_LEN] = {0};
     if (credential && *credential) {
         unsigned int clen = 0;
         EVP_Digest(credential, strlen(credential), cred, &clen, EVP_sha256(), NULL);
@@ -253,7 +253,7 @@ cache_entry_decode(const uint8_t key[CACHE_KEY_LEN], const char *buf, size_t len
     bool sse = buf[5] & 1;
     int64_t expires = (int64_t)get_u(buf + 6, 8);
     if (memcmp(buf + 14, key, CACHE_KEY_LEN) != 0) {
-        return NULL;                /* not the entry we asked for */
+        return NULL; /* not the entry we asked for */
     }
     size_t cl = (size_t)get_u(buf + 14 + CACHE_KEY_LEN, 2);
     size_t off = HDR_LEN;
@@ -285,7 +285,7 @@ cache_entry_decode(const uint8_t key[CACHE_KEY_LEN], const char *buf, size_t len
 struct cache_mem {
     struct cache_entry **buckets;
     size_t nbuckets;
-    struct cache_entry *lru_head, *lru_tail;   /* head: most recent */
+    struct cache_entry *lru_head, *lru_tail; /* head: most recent */
     size_t count, bytes;
     size_t max_entries, max_bytes;
 };
@@ -301,7 +301,7 @@ bucket_of(const struct cache_mem *m, const uint8_t *key)
 {
     uint64_t h;
 
-    memcpy(&h, key, sizeof(h));     /* the key is a hash already */
+    memcpy(&h, key, sizeof(h)); /* the key is a hash already */
     return (size_t)(h % m->nbuckets);
 }
 

@@ -19,13 +19,13 @@
 
 #include <jansson.h>
 
-#define CACHE_KEY_LEN 32
+#define CACHE_KEY_LEN        32
 #define CACHE_FORMAT_VERSION 1
 
 struct cache_entry {
     int refs;
     uint8_t key[CACHE_KEY_LEN];
-    int64_t expires_ms;         /* wall clock, ms since the epoch */
+    int64_t expires_ms; /* wall clock, ms since the epoch */
     bool sse;
     char *ctype;
     char *body;

@@ -25,56 +25,56 @@
 #include <strings.h>
 #include <yaml.h>
 
-#define MS_S            INT64_C(1000)
-#define MS_M            (60 * MS_S)
-#define MS_H            (60 * MS_M)
-#define MS_D            (24 * MS_H)
-#define KB              INT64_C(1024)
-#define MB              (1024 * KB)
-#define GB              (1024 * MB)
+#define MS_S INT64_C(1000)
+#define MS_M (60 * MS_S)
+#define MS_H (60 * MS_M)
+#define MS_D (24 * MS_H)
+#define KB   INT64_C(1024)
+#define MB   (1024 * KB)
+#define GB   (1024 * MB)
 
-#define CONF_MAX_FILE   (1024 * 1024)   /* a config larger than this is a mistake */
-#define CONF_MAX_ERRORS 100             /* then "further errors not shown" */
-#define CONF_PATH       256             /* longest key path in a message */
+#define CONF_MAX_FILE   (1024 * 1024) /* a config larger than this is a mistake */
+#define CONF_MAX_ERRORS 100           /* then "further errors not shown" */
+#define CONF_PATH       256           /* longest key path in a message */
 
 enum conf_type {
-    CT_STR,         /* char *, malloc'd, "" when empty or null */
-    CT_BOOL,        /* bool: true | false */
-    CT_INT,         /* int in [min, max] */
-    CT_I64,         /* int64_t in [min, max] */
-    CT_DUR,         /* int64_t milliseconds in [min, max] */
-    CT_SIZE,        /* int64_t bytes in [min, max] */
-    CT_DOUBLE,      /* double in [min, max] */
-    CT_ENUM,        /* enum stored as int: index into names, any case */
-    CT_MAP,         /* nested keys, stored in the same base struct */
-    CT_LIST,        /* list of maps -> array of `size` bytes, count at noff */
-    CT_STRLIST,     /* list of strings -> char **, count at noff */
-    CT_MODELS,      /* map name -> name -> struct conf_model[], count at noff */
-    CT_RETRY_ON,    /* retry.on: status codes, "connect", "timeout" */
+    CT_STR,      /* char *, malloc'd, "" when empty or null */
+    CT_BOOL,     /* bool: true | false */
+    CT_INT,      /* int in [min, max] */
+    CT_I64,      /* int64_t in [min, max] */
+    CT_DUR,      /* int64_t milliseconds in [min, max] */
+    CT_SIZE,     /* int64_t bytes in [min, max] */
+    CT_DOUBLE,   /* double in [min, max] */
+    CT_ENUM,     /* enum stored as int: index into names, any case */
+    CT_MAP,      /* nested keys, stored in the same base struct */
+    CT_LIST,     /* list of maps -> array of `size` bytes, count at noff */
+    CT_STRLIST,  /* list of strings -> char **, count at noff */
+    CT_MODELS,   /* map name -> name -> struct conf_model[], count at noff */
+    CT_RETRY_ON, /* retry.on: status codes, "connect", "timeout" */
 };
 
-#define CK_REQUIRED 0x01    /* a list item must set it */
-#define CK_NORELOAD 0x02    /* a reload may not change it: restart needed */
-#define CK_NONEMPTY 0x04    /* a string that may not be "" */
-#define CK_SECRET   0x08    /* a URL that may hold user:password@: mask it */
-#define CK_ONE_ITEM 0x10    /* CT_LIST: built-in default is one item */
+#define CK_REQUIRED 0x01 /* a list item must set it */
+#define CK_NORELOAD 0x02 /* a reload may not change it: restart needed */
+#define CK_NONEMPTY 0x04 /* a string that may not be "" */
+#define CK_SECRET   0x08 /* a URL that may hold user:password@: mask it */
+#define CK_ONE_ITEM 0x10 /* CT_LIST: built-in default is one item */
 
 struct conf_ctx;
 
 struct conf_key {
     const char *name;
     enum conf_type type;
-    size_t off;                 /* value, or array, within the base struct */
-    int64_t min, max;           /* bounds; lists: number of entries */
-    const char *def;            /* default as YAML text; lists: words */
-    unsigned flags;             /* CK_* */
-    const struct conf_key *sub; /* CT_MAP, CT_LIST: the keys inside */
-    size_t noff;                /* lists: count within the base struct */
-    size_t size;                /* CT_LIST: size of one item */
-    const char *const *names;   /* CT_ENUM: names in enum order */
-    int (*check)(const char *s, char *why, size_t n);   /* strings */
-    void (*item)(struct conf_ctx *x, void *items, size_t i,
-                 yaml_node_t *map, const char *path);   /* CT_LIST */
+    size_t off;                                       /* value, or array, within the base struct */
+    int64_t min, max;                                 /* bounds; lists: number of entries */
+    const char *def;                                  /* default as YAML text; lists: words */
+    unsigned flags;                                   /* CK_* */
+    const struct conf_key *sub;                       /* CT_MAP, CT_LIST: the keys inside */
+    size_t noff;                                      /* lists: count within the base struct */
+    size_t size;                                      /* CT_LIST: size of one item */
+    const char *const *names;                         /* CT_ENUM: names in enum order */
+    int (*check)(const char *s, char *why, size_t n); /* strings */
+    void (*item)(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map,
+                 const char *path); /* CT_LIST */
 };
 
 /* One parse: where messages go and what they name. */
@@ -93,43 +93,40 @@ static int conf_check_redis(const char *s, char *why, size_t n);
 static int conf_check_env(const char *s, char *why, size_t n);
 static int conf_check_name(const char *s, char *why, size_t n);
 static int conf_check_path(const char *s, char *why, size_t n);
-static void conf_check_upstream(struct conf_ctx *x, void *items, size_t i,
-                                yaml_node_t *map, const char *path);
-static void conf_check_client(struct conf_ctx *x, void *items, size_t i,
-                              yaml_node_t *map, const char *path);
+static void conf_check_upstream(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map,
+                                const char *path);
+static void conf_check_client(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map,
+                              const char *path);
 
 static const char *const conf_prio_names[] = {"high", "medium", "low", NULL};
-static const char *const conf_jitter_names[] = {"full", "equal", "decorrelated",
-                                                "none", NULL};
+static const char *const conf_jitter_names[] = {"full", "equal", "decorrelated", "none", NULL};
 static const char *const conf_routing_names[] = {"failover", "weighted", NULL};
-static const char *const conf_level_names[] = {"error", "warn", "info", "debug",
-                                               NULL};
+static const char *const conf_level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const conf_format_names[] = {"json", "text", NULL};
 
 /* ---- the table: every key of design.md, with its bounds and default ---- */
 
-#define KEY(n, t, o, lo, hi, d) \
+#define KEY(n, t, o, lo, hi, d)                                                                    \
     .name = (n), .type = (t), .off = (o), .min = (lo), .max = (hi), .def = (d)
 #define C(f)  offsetof(struct conf, f)
 #define U(f)  offsetof(struct conf_upstream, f)
 #define CL(f) offsetof(struct conf_client, f)
 
 static const struct conf_key conf_timeout_keys[] = {
-    {KEY("connect",    CT_DUR, U(connect_ms),    1, 5 * MS_M, "5s")},
-    {KEY("first_data", CT_DUR, U(first_data_ms), 0, MS_D, "600s")},  /* 0: none */
-    {KEY("idle",       CT_DUR, U(idle_ms),       0, MS_D, "120s")},  /* 0: none */
-    {KEY("total",      CT_DUR, U(total_ms),      0, MS_D, "0")},     /* 0: none */
+    {KEY("connect", CT_DUR, U(connect_ms), 1, 5 * MS_M, "5s")},
+    {KEY("first_data", CT_DUR, U(first_data_ms), 0, MS_D, "600s")}, /* 0: none */
+    {KEY("idle", CT_DUR, U(idle_ms), 0, MS_D, "120s")},             /* 0: none */
+    {KEY("total", CT_DUR, U(total_ms), 0, MS_D, "0")},              /* 0: none */
     {.name = NULL},
 };
 
 /* In a file, name and url are required; the defaults make the built-in one. */
 static const struct conf_key conf_upstream_keys[] = {
-    {KEY("name", CT_STR, U(name), 0, 0, "deepseek"),
-     .flags = CK_REQUIRED | CK_NONEMPTY, .check = conf_check_name},
-    {KEY("url", CT_STR, U(url), 0, 0, "https://api.deepseek.com"),
-     .flags = CK_REQUIRED | CK_SECRET, .check = conf_check_url},
-    {KEY("api_key_env", CT_STR, U(api_key_env), 0, 0, "DEEPSEEK_API_KEY"),
-     .check = conf_check_env},
+    {KEY("name", CT_STR, U(name), 0, 0, "deepseek"), .flags = CK_REQUIRED | CK_NONEMPTY,
+     .check = conf_check_name},
+    {KEY("url", CT_STR, U(url), 0, 0, "https://api.deepseek.com"), .flags = CK_REQUIRED | CK_SECRET,
+     .check = conf_check_url},
+    {KEY("api_key_env", CT_STR, U(api_key_env), 0, 0, "DEEPSEEK_API_KEY"), .check = conf_check_env},
     {KEY("max_inflight", CT_INT, U(max_inflight), 1, 10000, "32")},
     {KEY("adaptive", CT_BOOL, U(adaptive), 0, 0, "true")},
     {KEY("weight", CT_INT, U(weight), 1, 1000, "1")},
@@ -145,7 +142,7 @@ static const struct conf_key conf_queue_keys[] = {
     {KEY("max_wait", CT_DUR, C(queue.max_wait_ms), 1, MS_D, "300s")},
     {KEY("default_priority", CT_ENUM, C(queue.default_priority), 0, 0, "medium"),
      .names = conf_prio_names},
-    {KEY("aging", CT_DUR, C(queue.aging_ms), 0, MS_D, "30s")},    /* 0: off */
+    {KEY("aging", CT_DUR, C(queue.aging_ms), 0, MS_D, "30s")}, /* 0: off */
     {.name = NULL},
 };
 
@@ -153,8 +150,7 @@ static const struct conf_key conf_retry_keys[] = {
     {KEY("max_attempts", CT_INT, C(retry.max_attempts), 1, 20, "5")},
     {KEY("base", CT_DUR, C(retry.base_ms), 1, 10 * MS_M, "1s")},
     {KEY("cap", CT_DUR, C(retry.cap_ms), 1, MS_H, "30s")},
-    {KEY("jitter", CT_ENUM, C(retry.jitter), 0, 0, "full"),
-     .names = conf_jitter_names},
+    {KEY("jitter", CT_ENUM, C(retry.jitter), 0, 0, "full"), .names = conf_jitter_names},
     {KEY("on", CT_RETRY_ON, 0, 0, CONF_MAX_RETRY_STATUS + 2,
          "429 500 502 503 504 connect timeout")},
     {KEY("budget", CT_DOUBLE, C(retry.budget), 0, 10, "0.5")},
@@ -168,8 +164,8 @@ static const struct conf_key conf_memory_keys[] = {
 };
 
 static const struct conf_key conf_redis_keys[] = {
-    {KEY("url", CT_STR, C(cache.redis_url), 0, 0, ""),
-     .flags = CK_SECRET, .check = conf_check_redis},
+    {KEY("url", CT_STR, C(cache.redis_url), 0, 0, ""), .flags = CK_SECRET,
+     .check = conf_check_redis},
     {KEY("prefix", CT_STR, C(cache.redis_prefix), 0, 0, "dsgate:")},
     {KEY("timeout", CT_DUR, C(cache.redis_timeout_ms), 1, 10 * MS_S, "50ms")},
     {.name = NULL},
@@ -189,18 +185,17 @@ static const struct conf_key conf_cache_keys[] = {
 };
 
 static const struct conf_key conf_fleet_keys[] = {
-    {KEY("redis", CT_STR, C(fleet.redis), 0, 0, ""),
-     .flags = CK_NORELOAD | CK_SECRET, .check = conf_check_redis},
+    {KEY("redis", CT_STR, C(fleet.redis), 0, 0, ""), .flags = CK_NORELOAD | CK_SECRET,
+     .check = conf_check_redis},
     {KEY("lease_ttl", CT_DUR, C(fleet.lease_ttl_ms), MS_S, MS_H, "30s")},
     {KEY("fallback_instances", CT_INT, C(fleet.fallback_instances), 1, 1000, "4")},
     {.name = NULL},
 };
 
 static const struct conf_key conf_client_keys[] = {
-    {KEY("token_env", CT_STR, CL(token_env), 0, 0, ""),
-     .flags = CK_REQUIRED | CK_NONEMPTY, .check = conf_check_env},
-    {KEY("priority", CT_ENUM, CL(priority), 0, 0, "medium"),
-     .names = conf_prio_names},
+    {KEY("token_env", CT_STR, CL(token_env), 0, 0, ""), .flags = CK_REQUIRED | CK_NONEMPTY,
+     .check = conf_check_env},
+    {KEY("priority", CT_ENUM, CL(priority), 0, 0, "medium"), .names = conf_prio_names},
     {.name = NULL},
 };
 
@@ -222,23 +217,20 @@ static const struct conf_key conf_log_keys[] = {
 };
 
 static const struct conf_key conf_keys[] = {
-    {KEY("listen", CT_STR, C(listen), 0, 0, "127.0.0.1:8080"),
-     .flags = CK_NORELOAD, .check = conf_check_listen},
-    {KEY("admin_listen", CT_STR, C(admin_listen), 0, 0, ""),
-     .flags = CK_NORELOAD, .check = conf_check_admin},
-    {KEY("upstreams", CT_LIST, C(upstreams), 1, ROUTE_MAX_UPSTREAMS, NULL),
-     .flags = CK_ONE_ITEM, .noff = C(nupstreams),
-     .size = sizeof(struct conf_upstream), .sub = conf_upstream_keys,
+    {KEY("listen", CT_STR, C(listen), 0, 0, "127.0.0.1:8080"), .flags = CK_NORELOAD,
+     .check = conf_check_listen},
+    {KEY("admin_listen", CT_STR, C(admin_listen), 0, 0, ""), .flags = CK_NORELOAD,
+     .check = conf_check_admin},
+    {KEY("upstreams", CT_LIST, C(upstreams), 1, ROUTE_MAX_UPSTREAMS, NULL), .flags = CK_ONE_ITEM,
+     .noff = C(nupstreams), .size = sizeof(struct conf_upstream), .sub = conf_upstream_keys,
      .item = conf_check_upstream},
-    {KEY("routing", CT_ENUM, C(routing), 0, 0, "failover"),
-     .names = conf_routing_names},
+    {KEY("routing", CT_ENUM, C(routing), 0, 0, "failover"), .names = conf_routing_names},
     {KEY("queue", CT_MAP, 0, 0, 0, NULL), .sub = conf_queue_keys},
     {KEY("retry", CT_MAP, 0, 0, 0, NULL), .sub = conf_retry_keys},
     {KEY("cache", CT_MAP, 0, 0, 0, NULL), .sub = conf_cache_keys},
     {KEY("fleet", CT_MAP, 0, 0, 0, NULL), .sub = conf_fleet_keys},
-    {KEY("clients", CT_LIST, C(clients), 0, 10000, NULL),
-     .noff = C(nclients), .size = sizeof(struct conf_client),
-     .sub = conf_client_keys, .item = conf_check_client},
+    {KEY("clients", CT_LIST, C(clients), 0, 10000, NULL), .noff = C(nclients),
+     .size = sizeof(struct conf_client), .sub = conf_client_keys, .item = conf_check_client},
     {KEY("limits", CT_MAP, 0, 0, 0, NULL), .sub = conf_limit_keys},
     {KEY("shutdown_timeout", CT_DUR, C(shutdown_timeout_ms), 0, MS_H, "30s")},
     {KEY("log", CT_MAP, 0, 0, 0, NULL), .sub = conf_log_keys},
@@ -249,7 +241,8 @@ static const struct conf_key conf_keys[] = {
 
 #define FIELD(base, off, type) ((type *)(void *)((char *)(base) + (off)))
 
-static void *conf_alloc(size_t n)
+static void *
+conf_alloc(size_t n)
 {
     void *p = calloc(1, n ? n : 1);
 
@@ -260,7 +253,8 @@ static void *conf_alloc(size_t n)
     return p;
 }
 
-static char *conf_strdup(const char *s)
+static char *
+conf_strdup(const char *s)
 {
     size_t n = strlen(s) + 1;
 
@@ -268,7 +262,8 @@ static char *conf_strdup(const char *s)
 }
 
 /* Append one formatted line to a newline-separated malloc'd list. */
-static void conf_append(char **buf, size_t *len, const char *fmt, ...)
+static void
+conf_append(char **buf, size_t *len, const char *fmt, ...)
 {
     va_list ap;
     int n;
@@ -295,8 +290,8 @@ static void conf_append(char **buf, size_t *len, const char *fmt, ...)
     *len += (size_t)n;
 }
 
-static void conf_err(struct conf_ctx *x, yaml_mark_t m, const char *path,
-                     const char *fmt, ...)
+static void
+conf_err(struct conf_ctx *x, yaml_mark_t m, const char *path, const char *fmt, ...)
 {
     char msg[512];
     va_list ap;
@@ -310,12 +305,13 @@ static void conf_err(struct conf_ctx *x, yaml_mark_t m, const char *path,
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    conf_append(&x->err, &x->len, "%s:%zu:%zu: %s: %s", x->name,
-                (size_t)m.line + 1, (size_t)m.column + 1, path, msg);
+    conf_append(&x->err, &x->len, "%s:%zu:%zu: %s: %s", x->name, (size_t)m.line + 1,
+                (size_t)m.column + 1, path, msg);
 }
 
 /* A key path for messages, cut to N bytes; unprintable bytes become '?'. */
-static void conf_pathf(char *buf, size_t n, const char *fmt, ...)
+static void
+conf_pathf(char *buf, size_t n, const char *fmt, ...)
 {
     va_list ap;
     char *p;
@@ -331,38 +327,41 @@ static void conf_pathf(char *buf, size_t n, const char *fmt, ...)
 }
 
 /* PARENT.NAME, or NAME at the top. */
-static void conf_path(char *buf, size_t n, const char *parent, const char *name)
+static void
+conf_path(char *buf, size_t n, const char *parent, const char *name)
 {
     conf_pathf(buf, n, "%s%s%s", parent, *parent ? "." : "", name);
 }
 
-static yaml_node_t *conf_node(struct conf_ctx *x, int i)
+static yaml_node_t *
+conf_node(struct conf_ctx *x, int i)
 {
     return yaml_document_get_node(x->doc, i);
 }
 
-static const char *conf_scalar(const yaml_node_t *n)
+static const char *
+conf_scalar(const yaml_node_t *n)
 {
     return (const char *)n->data.scalar.value;
 }
 
 /* A plain "", "~" or "null": an empty section or string. */
-static bool conf_is_null(const yaml_node_t *n)
+static bool
+conf_is_null(const yaml_node_t *n)
 {
     const char *v;
 
-    if (n->type != YAML_SCALAR_NODE
-        || n->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
+    if (n->type != YAML_SCALAR_NODE || n->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
         return false;
     }
     v = conf_scalar(n);
-    return *v == '\0' || strcmp(v, "~") == 0 || strcmp(v, "null") == 0
-           || strcmp(v, "Null") == 0 || strcmp(v, "NULL") == 0;
+    return *v == '\0' || strcmp(v, "~") == 0 || strcmp(v, "null") == 0 || strcmp(v, "Null") == 0 ||
+           strcmp(v, "NULL") == 0;
 }
 
 /* ' (got "v")' for a message: escaped, shortened, user:password@ masked. */
-static const char *conf_got(const yaml_node_t *n, bool secret, char *buf,
-                            size_t size)
+static const char *
+conf_got(const yaml_node_t *n, bool secret, char *buf, size_t size)
 {
     const char *s, *at, *auth, *slash;
     size_t o = 0, i, len;
@@ -404,7 +403,8 @@ static const char *conf_got(const yaml_node_t *n, bool secret, char *buf,
 }
 
 /* Leading decimal digits of *SP, advancing it; -1 if none or overflow. */
-static int conf_digits(const char **sp, int64_t *v)
+static int
+conf_digits(const char **sp, int64_t *v)
 {
     const char *s = *sp;
 
@@ -422,7 +422,8 @@ static int conf_digits(const char **sp, int64_t *v)
     return 0;
 }
 
-static int conf_scale(int64_t v, int64_t unit, int64_t *out)
+static int
+conf_scale(int64_t v, int64_t unit, int64_t *out)
 {
     if (v > INT64_MAX / unit) {
         return -1;
@@ -431,10 +432,17 @@ static int conf_scale(int64_t v, int64_t unit, int64_t *out)
     return 0;
 }
 
-int conf_parse_duration(const char *s, int64_t *ms)
+int
+conf_parse_duration(const char *s, int64_t *ms)
 {
-    static const struct { const char *unit; int64_t ms; } units[] = {
-        {"ms", 1}, {"s", MS_S}, {"m", MS_M}, {"h", MS_H},
+    static const struct {
+        const char *unit;
+        int64_t ms;
+    } units[] = {
+        {"ms", 1},
+        {"s", MS_S},
+        {"m", MS_M},
+        {"h", MS_H},
     };
     int64_t v;
     size_t i;
@@ -444,7 +452,7 @@ int conf_parse_duration(const char *s, int64_t *ms)
     }
     if (*s == '\0') {
         if (v != 0) {
-            return -1;          /* only 0 goes without a unit */
+            return -1; /* only 0 goes without a unit */
         }
         *ms = 0;
         return 0;
@@ -457,10 +465,17 @@ int conf_parse_duration(const char *s, int64_t *ms)
     return -1;
 }
 
-int conf_parse_size(const char *s, int64_t *bytes)
+int
+conf_parse_size(const char *s, int64_t *bytes)
 {
-    static const struct { const char *unit; int64_t n; } units[] = {
-        {"", 1}, {"KB", KB}, {"MB", MB}, {"GB", GB},
+    static const struct {
+        const char *unit;
+        int64_t n;
+    } units[] = {
+        {"", 1},
+        {"KB", KB},
+        {"MB", MB},
+        {"GB", GB},
     };
     int64_t v;
     size_t i;
@@ -477,7 +492,8 @@ int conf_parse_size(const char *s, int64_t *bytes)
 }
 
 /* Optional '-' then digits: negatives parse so that bounds can name them. */
-static int conf_parse_int(const char *s, int64_t *v)
+static int
+conf_parse_int(const char *s, int64_t *v)
 {
     bool neg = *s == '-';
 
@@ -494,7 +510,8 @@ static int conf_parse_int(const char *s, int64_t *v)
 }
 
 /* Digits with at most one '.', e.g. "0.5", "2", "10.0"; no exponent. */
-static int conf_parse_double(const char *s, double *d)
+static int
+conf_parse_double(const char *s, double *d)
 {
     size_t digits = strspn(s, "0123456789");
     const char *p = s + digits;
@@ -512,7 +529,8 @@ static int conf_parse_double(const char *s, double *d)
     return 0;
 }
 
-int conf_parse_priority(const char *s, enum prio *p)
+int
+conf_parse_priority(const char *s, enum prio *p)
 {
     int i;
 
@@ -525,12 +543,14 @@ int conf_parse_priority(const char *s, enum prio *p)
     return -1;
 }
 
-const char *conf_priority_name(enum prio p)
+const char *
+conf_priority_name(enum prio p)
 {
     return (unsigned)p < PRIO_COUNT ? conf_prio_names[p] : "unknown";
 }
 
-static void conf_fmt_dur(int64_t ms, char *buf, size_t n)
+static void
+conf_fmt_dur(int64_t ms, char *buf, size_t n)
 {
     if (ms == 0) {
         snprintf(buf, n, "0");
@@ -545,7 +565,8 @@ static void conf_fmt_dur(int64_t ms, char *buf, size_t n)
     }
 }
 
-static void conf_fmt_size(int64_t b, char *buf, size_t n)
+static void
+conf_fmt_size(int64_t b, char *buf, size_t n)
 {
     if (b != 0 && b % GB == 0) {
         snprintf(buf, n, "%lldGB", (long long)(b / GB));
@@ -564,7 +585,8 @@ static void conf_fmt_size(int64_t b, char *buf, size_t n)
  * "host:port" or "[v6]:port", port 0..65535 (0: any free port).  HOST gets
  * the host without brackets.
  */
-int conf_parse_hostport(const char *s, char *host, size_t hostlen, int *port)
+int
+conf_parse_hostport(const char *s, char *host, size_t hostlen, int *port)
 {
     const char *h = s, *p, *end;
     size_t hl;
@@ -593,8 +615,8 @@ int conf_parse_hostport(const char *s, char *host, size_t hostlen, int *port)
         }
         p = end + 1;
     }
-    if (hl == 0 || hl >= hostlen || strlen(p) > 5 || conf_digits(&p, &v) < 0
-        || *p != '\0' || v > 65535) {
+    if (hl == 0 || hl >= hostlen || strlen(p) > 5 || conf_digits(&p, &v) < 0 || *p != '\0' ||
+        v > 65535) {
         return -1;
     }
     memcpy(host, h, hl);
@@ -603,7 +625,8 @@ int conf_parse_hostport(const char *s, char *host, size_t hostlen, int *port)
     return 0;
 }
 
-static int conf_check_listen(const char *s, char *why, size_t n)
+static int
+conf_check_listen(const char *s, char *why, size_t n)
 {
     char host[256];
     int port;
@@ -615,14 +638,15 @@ static int conf_check_listen(const char *s, char *why, size_t n)
     return 0;
 }
 
-static int conf_check_admin(const char *s, char *why, size_t n)
+static int
+conf_check_admin(const char *s, char *why, size_t n)
 {
     return *s == '\0' ? 0 : conf_check_listen(s, why, n);
 }
 
 /* Host of an http(s) base URL into HOST; -1 with WHY when it is not one. */
-static int conf_url_host(const char *url, char *host, size_t hostlen,
-                         char *why, size_t n)
+static int
+conf_url_host(const char *url, char *host, size_t hostlen, char *why, size_t n)
 {
     const char *p, *end, *h, *hend, *port;
     int64_t v;
@@ -675,8 +699,8 @@ static int conf_url_host(const char *url, char *host, size_t hostlen,
     }
     if (port != end) {
         p = port + 1;
-        if (*port != ':' || end - p > 5 || conf_digits(&p, &v) < 0 || p != end
-            || v < 1 || v > 65535) {
+        if (*port != ':' || end - p > 5 || conf_digits(&p, &v) < 0 || p != end || v < 1 ||
+            v > 65535) {
             snprintf(why, n, "must have a port from 1 to 65535");
             return -1;
         }
@@ -686,14 +710,16 @@ static int conf_url_host(const char *url, char *host, size_t hostlen,
     return 0;
 }
 
-static int conf_check_url(const char *s, char *why, size_t n)
+static int
+conf_check_url(const char *s, char *why, size_t n)
 {
     char host[256];
 
     return conf_url_host(s, host, sizeof(host), why, n);
 }
 
-static bool conf_is_loopback(const char *host)
+static bool
+conf_is_loopback(const char *host)
 {
     struct in_addr a4;
     struct in6_addr a6;
@@ -708,7 +734,8 @@ static bool conf_is_loopback(const char *host)
 }
 
 /* "" (off), redis://[user:pass@]host[:port][/db], rediss://..., unix:///path. */
-static int conf_check_redis(const char *s, char *why, size_t n)
+static int
+conf_check_redis(const char *s, char *why, size_t n)
 {
     static const char *const schemes[] = {"redis://", "rediss://", "unix://"};
     const char *p;
@@ -735,26 +762,29 @@ static int conf_check_redis(const char *s, char *why, size_t n)
 }
 
 /* "" or an environment variable name: [A-Za-z_][A-Za-z0-9_]*. */
-static int conf_check_env(const char *s, char *why, size_t n)
+static int
+conf_check_env(const char *s, char *why, size_t n)
 {
     static const char first[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_";
 
     if (*s == '\0') {
         return 0;
     }
-    if (strchr(first, *s) == NULL
-        || s[strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                       "0123456789_")] != '\0'
-        || strlen(s) > 128) {
-        snprintf(why, n, "must be the name of an environment variable "
-                         "(letters, digits, _)");
+    if (strchr(first, *s) == NULL ||
+        s[strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                    "0123456789_")] != '\0' ||
+        strlen(s) > 128) {
+        snprintf(why, n,
+                 "must be the name of an environment variable "
+                 "(letters, digits, _)");
         return -1;
     }
     return 0;
 }
 
 /* Upstream names appear in headers, logs and metric labels. */
-static int conf_check_name(const char *s, char *why, size_t n)
+static int
+conf_check_name(const char *s, char *why, size_t n)
 {
     size_t len = strlen(s);
 
@@ -766,7 +796,8 @@ static int conf_check_name(const char *s, char *why, size_t n)
     return 0;
 }
 
-static int conf_check_path(const char *s, char *why, size_t n)
+static int
+conf_check_path(const char *s, char *why, size_t n)
 {
     const char *p;
 
@@ -776,8 +807,9 @@ static int conf_check_path(const char *s, char *why, size_t n)
         }
     }
     if (s[0] != '/' || *p != '\0') {
-        snprintf(why, n, "must be a path starting with '/' "
-                         "(no spaces, query or fragment)");
+        snprintf(why, n,
+                 "must be a path starting with '/' "
+                 "(no spaces, query or fragment)");
         return -1;
     }
     return 0;
@@ -785,8 +817,8 @@ static int conf_check_path(const char *s, char *why, size_t n)
 
 /* ---- storing one scalar (shared by defaults and the YAML walk) ---- */
 
-static int conf_store_enum(const struct conf_key *k, int *dst, const char *s,
-                           char *why, size_t n)
+static int
+conf_store_enum(const struct conf_key *k, int *dst, const char *s, char *why, size_t n)
 {
     size_t o;
     int i;
@@ -799,15 +831,14 @@ static int conf_store_enum(const struct conf_key *k, int *dst, const char *s,
     }
     o = (size_t)snprintf(why, n, "must be one of ");
     for (i = 0; k->names[i] != NULL && o < n; i++) {
-        o += (size_t)snprintf(why + o, n - o, "%s%s", i > 0 ? ", " : "",
-                              k->names[i]);
+        o += (size_t)snprintf(why + o, n - o, "%s%s", i > 0 ? ", " : "", k->names[i]);
     }
     return -1;
 }
 
 /* Convert S for key K and store it into BASE; -1 with WHY if invalid. */
-static int conf_store(const struct conf_key *k, void *base, const char *s,
-                      char *why, size_t n)
+static int
+conf_store(const struct conf_key *k, void *base, const char *s, char *why, size_t n)
 {
     void *dst = FIELD(base, k->off, char);
     char lo[32], hi[32];
@@ -841,8 +872,7 @@ static int conf_store(const struct conf_key *k, void *base, const char *s,
             return -1;
         }
         if (d < (double)k->min || d > (double)k->max) {
-            snprintf(why, n, "must be between %lld and %lld",
-                     (long long)k->min, (long long)k->max);
+            snprintf(why, n, "must be between %lld and %lld", (long long)k->min, (long long)k->max);
             return -1;
         }
         *(double *)dst = d;
@@ -889,7 +919,8 @@ static int conf_store(const struct conf_key *k, void *base, const char *s,
 }
 
 /* One retry.on word: an HTTP status, "connect" or "timeout". */
-static int conf_store_retry_on(struct conf *c, const char *s, char *why, size_t n)
+static int
+conf_store_retry_on(struct conf *c, const char *s, char *why, size_t n)
 {
     bool *flag = NULL;
     int64_t v;
@@ -926,8 +957,8 @@ static int conf_store_retry_on(struct conf *c, const char *s, char *why, size_t 
     return 0;
 }
 
-static int conf_store_item(const struct conf_key *k, void *base, const char *s,
-                           char *why, size_t n)
+static int
+conf_store_item(const struct conf_key *k, void *base, const char *s, char *why, size_t n)
 {
     char ***arr = FIELD(base, k->off, char **);
     size_t *cnt = FIELD(base, k->noff, size_t);
@@ -946,7 +977,8 @@ static int conf_store_item(const struct conf_key *k, void *base, const char *s,
 
 static void conf_free_keys(const struct conf_key *tab, void *base);
 
-static void conf_clear(const struct conf_key *k, void *base)
+static void
+conf_clear(const struct conf_key *k, void *base)
 {
     size_t *cnt = FIELD(base, k->noff, size_t);
     size_t i;
@@ -986,7 +1018,8 @@ static void conf_clear(const struct conf_key *k, void *base)
     }
 }
 
-static void conf_free_keys(const struct conf_key *tab, void *base)
+static void
+conf_free_keys(const struct conf_key *tab, void *base)
 {
     const struct conf_key *k;
 
@@ -1006,7 +1039,8 @@ static void conf_free_keys(const struct conf_key *tab, void *base)
  * Store the table's defaults into BASE.  ALL false (an item from a file):
  * required strings start as "" so that later checks can tell them unset.
  */
-static void conf_defaults_keys(const struct conf_key *tab, void *base, bool all)
+static void
+conf_defaults_keys(const struct conf_key *tab, void *base, bool all)
 {
     const struct conf_key *k;
     char why[160], words[256], *w, *save;
@@ -1034,7 +1068,7 @@ static void conf_defaults_keys(const struct conf_key *tab, void *base, bool all)
             snprintf(words, sizeof(words), "%s", k->def);
             for (w = strtok_r(words, " ", &save); w != NULL; w = strtok_r(NULL, " ", &save)) {
                 if (conf_store_item(k, base, w, why, sizeof(why)) < 0) {
-                    abort();    /* the table above is wrong */
+                    abort(); /* the table above is wrong */
                 }
             }
             break;
@@ -1043,14 +1077,15 @@ static void conf_defaults_keys(const struct conf_key *tab, void *base, bool all)
                 free(*FIELD(base, k->off, char *));
                 *FIELD(base, k->off, char *) = conf_strdup("");
             } else if (conf_store(k, base, k->def, why, sizeof(why)) < 0) {
-                abort();        /* the table above is wrong */
+                abort(); /* the table above is wrong */
             }
             break;
         }
     }
 }
 
-struct conf *conf_defaults(void)
+struct conf *
+conf_defaults(void)
 {
     struct conf *c = conf_alloc(sizeof(*c));
 
@@ -1058,7 +1093,8 @@ struct conf *conf_defaults(void)
     return c;
 }
 
-void conf_free(struct conf *c)
+void
+conf_free(struct conf *c)
 {
     if (c == NULL) {
         return;
@@ -1071,8 +1107,8 @@ void conf_free(struct conf *c)
 /* ---- the walk over the YAML tree ---- */
 
 /* Value of NAME in mapping MAP (NULL if absent or MAP is not a map). */
-static yaml_node_t *conf_lookup(struct conf_ctx *x, yaml_node_t *map,
-                                const char *name, yaml_node_t **key)
+static yaml_node_t *
+conf_lookup(struct conf_ctx *x, yaml_node_t *map, const char *name, yaml_node_t **key)
 {
     yaml_node_pair_t *p;
 
@@ -1093,7 +1129,8 @@ static yaml_node_t *conf_lookup(struct conf_ctx *x, yaml_node_t *map,
 }
 
 /* Whether the key of pair P already appeared earlier in MAP. */
-static bool conf_dup(struct conf_ctx *x, yaml_node_t *map, yaml_node_pair_t *p)
+static bool
+conf_dup(struct conf_ctx *x, yaml_node_t *map, yaml_node_pair_t *p)
 {
     yaml_node_t *kn = conf_node(x, p->key);
     yaml_node_pair_t *q;
@@ -1109,8 +1146,8 @@ static bool conf_dup(struct conf_ctx *x, yaml_node_t *map, yaml_node_pair_t *p)
 }
 
 /* A scalar without NUL bytes, or NULL after reporting why not. */
-static const char *conf_text(struct conf_ctx *x, yaml_node_t *v, yaml_mark_t m,
-                             const char *path, const char *what)
+static const char *
+conf_text(struct conf_ctx *x, yaml_node_t *v, yaml_mark_t m, const char *path, const char *what)
 {
     char got[128];
 
@@ -1125,17 +1162,18 @@ static const char *conf_text(struct conf_ctx *x, yaml_node_t *v, yaml_mark_t m,
     return conf_scalar(v);
 }
 
-static void conf_value(struct conf_ctx *x, const struct conf_key *k, void *base,
-                       yaml_node_t *v, yaml_mark_t m, const char *path);
+static void conf_value(struct conf_ctx *x, const struct conf_key *k, void *base, yaml_node_t *v,
+                       yaml_mark_t m, const char *path);
 
-static void conf_map(struct conf_ctx *x, const struct conf_key *tab, void *base,
-                     yaml_node_t *map, yaml_mark_t m, const char *path)
+static void
+conf_map(struct conf_ctx *x, const struct conf_key *tab, void *base, yaml_node_t *map,
+         yaml_mark_t m, const char *path)
 {
     yaml_node_pair_t *p;
     char got[128], sub[CONF_PATH];
 
     if (conf_is_null(map)) {
-        return;                 /* "queue:" alone keeps the defaults */
+        return; /* "queue:" alone keeps the defaults */
     }
     if (map->type != YAML_MAPPING_NODE) {
         conf_err(x, m, path, "must be a map%s", conf_got(map, false, got, sizeof(got)));
@@ -1146,8 +1184,8 @@ static void conf_map(struct conf_ctx *x, const struct conf_key *tab, void *base,
         const struct conf_key *k;
 
         if (kn->type != YAML_SCALAR_NODE) {
-            conf_err(x, kn->start_mark, *path ? path : "(top level)",
-                     "keys must be plain words%s", conf_got(kn, false, got, sizeof(got)));
+            conf_err(x, kn->start_mark, *path ? path : "(top level)", "keys must be plain words%s",
+                     conf_got(kn, false, got, sizeof(got)));
             continue;
         }
         conf_path(sub, sizeof(sub), path, conf_scalar(kn));
@@ -1166,8 +1204,9 @@ static void conf_map(struct conf_ctx *x, const struct conf_key *tab, void *base,
 }
 
 /* A list of maps (upstreams, clients): each item starts from the defaults. */
-static void conf_list(struct conf_ctx *x, const struct conf_key *k, void *base,
-                      yaml_node_t *v, yaml_mark_t m, const char *path)
+static void
+conf_list(struct conf_ctx *x, const struct conf_key *k, void *base, yaml_node_t *v, yaml_mark_t m,
+          const char *path)
 {
     size_t *cnt = FIELD(base, k->noff, size_t);
     size_t i, n = 0;
@@ -1182,8 +1221,8 @@ static void conf_list(struct conf_ctx *x, const struct conf_key *k, void *base,
         n = (size_t)(v->data.sequence.items.top - v->data.sequence.items.start);
     }
     if ((int64_t)n < k->min || (int64_t)n > k->max) {
-        conf_err(x, m, path, "must have %lld to %lld entries (got %zu)",
-                 (long long)k->min, (long long)k->max, n);
+        conf_err(x, m, path, "must have %lld to %lld entries (got %zu)", (long long)k->min,
+                 (long long)k->max, n);
         return;
     }
     *FIELD(base, k->off, void *) = conf_alloc(n * k->size);
@@ -1214,8 +1253,9 @@ static void conf_list(struct conf_ctx *x, const struct conf_key *k, void *base,
 }
 
 /* A list of words (cache.paths, retry.on). */
-static void conf_words(struct conf_ctx *x, const struct conf_key *k, void *base,
-                       yaml_node_t *v, yaml_mark_t m, const char *path)
+static void
+conf_words(struct conf_ctx *x, const struct conf_key *k, void *base, yaml_node_t *v, yaml_mark_t m,
+           const char *path)
 {
     size_t i, n = 0;
     char got[128], why[160], ipath[CONF_PATH];
@@ -1229,8 +1269,7 @@ static void conf_words(struct conf_ctx *x, const struct conf_key *k, void *base,
         n = (size_t)(v->data.sequence.items.top - v->data.sequence.items.start);
     }
     if ((int64_t)n > k->max) {
-        conf_err(x, m, path, "must have at most %lld entries (got %zu)",
-                 (long long)k->max, n);
+        conf_err(x, m, path, "must have at most %lld entries (got %zu)", (long long)k->max, n);
         return;
     }
     if (k->type == CT_STRLIST) {
@@ -1250,8 +1289,9 @@ static void conf_words(struct conf_ctx *x, const struct conf_key *k, void *base,
 }
 
 /* upstreams[].models: client model name -> upstream model name. */
-static void conf_models(struct conf_ctx *x, const struct conf_key *k, void *base,
-                        yaml_node_t *v, yaml_mark_t m, const char *path)
+static void
+conf_models(struct conf_ctx *x, const struct conf_key *k, void *base, yaml_node_t *v, yaml_mark_t m,
+            const char *path)
 {
     size_t *cnt = FIELD(base, k->noff, size_t);
     struct conf_model *models;
@@ -1269,8 +1309,7 @@ static void conf_models(struct conf_ctx *x, const struct conf_key *k, void *base
         n = (size_t)(v->data.mapping.pairs.top - v->data.mapping.pairs.start);
     }
     if ((int64_t)n > k->max) {
-        conf_err(x, m, path, "must have at most %lld entries (got %zu)",
-                 (long long)k->max, n);
+        conf_err(x, m, path, "must have at most %lld entries (got %zu)", (long long)k->max, n);
         return;
     }
     models = conf_alloc(n * sizeof(*models));
@@ -1302,8 +1341,9 @@ static void conf_models(struct conf_ctx *x, const struct conf_key *k, void *base
     }
 }
 
-static void conf_value(struct conf_ctx *x, const struct conf_key *k, void *base,
-                       yaml_node_t *v, yaml_mark_t m, const char *path)
+static void
+conf_value(struct conf_ctx *x, const struct conf_key *k, void *base, yaml_node_t *v, yaml_mark_t m,
+           const char *path)
 {
     char why[160], got[128];
     const char *s;
@@ -1341,15 +1381,16 @@ static void conf_value(struct conf_ctx *x, const struct conf_key *k, void *base,
 /* ---- cross-field rules ---- */
 
 /* Mark of key NAME in MAP, else FALLBACK. */
-static yaml_mark_t conf_mark(struct conf_ctx *x, yaml_node_t *map, const char *name,
-                             yaml_mark_t fallback)
+static yaml_mark_t
+conf_mark(struct conf_ctx *x, yaml_node_t *map, const char *name, yaml_mark_t fallback)
 {
     yaml_node_t *kn = NULL;
 
     return conf_lookup(x, map, name, &kn) != NULL ? kn->start_mark : fallback;
 }
 
-static void conf_trim_slash(char *url)
+static void
+conf_trim_slash(char *url)
 {
     size_t n = strlen(url);
 
@@ -1358,8 +1399,8 @@ static void conf_trim_slash(char *url)
     }
 }
 
-static void conf_check_upstream(struct conf_ctx *x, void *items, size_t i,
-                                yaml_node_t *map, const char *path)
+static void
+conf_check_upstream(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map, const char *path)
 {
     struct conf_upstream *u = items;
     char host[256], why[160], sub[CONF_PATH];
@@ -1374,17 +1415,18 @@ static void conf_check_upstream(struct conf_ctx *x, void *items, size_t i,
             break;
         }
     }
-    if (u[i].insecure && conf_url_host(u[i].url, host, sizeof(host), why, sizeof(why)) == 0
-        && !conf_is_loopback(host)) {
+    if (u[i].insecure && conf_url_host(u[i].url, host, sizeof(host), why, sizeof(why)) == 0 &&
+        !conf_is_loopback(host)) {
         conf_path(sub, sizeof(sub), path, "insecure");
         conf_err(x, conf_mark(x, map, "insecure", map->start_mark), sub,
                  "true is allowed only for a loopback url host "
-                 "(127.x.x.x, ::1, localhost) (got \"%s\")", host);
+                 "(127.x.x.x, ::1, localhost) (got \"%s\")",
+                 host);
     }
 }
 
-static void conf_check_client(struct conf_ctx *x, void *items, size_t i,
-                              yaml_node_t *map, const char *path)
+static void
+conf_check_client(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map, const char *path)
 {
     struct conf_client *c = items;
     char sub[CONF_PATH];
@@ -1400,7 +1442,8 @@ static void conf_check_client(struct conf_ctx *x, void *items, size_t i,
     }
 }
 
-static void conf_check_all(struct conf_ctx *x, struct conf *c, yaml_node_t *root)
+static void
+conf_check_all(struct conf_ctx *x, struct conf *c, yaml_node_t *root)
 {
     yaml_node_t *retry = conf_lookup(x, root, "retry", NULL);
     yaml_mark_t m = conf_mark(x, root, "retry", root->start_mark);
@@ -1413,17 +1456,17 @@ static void conf_check_all(struct conf_ctx *x, struct conf *c, yaml_node_t *root
         conf_err(x, conf_mark(x, retry, "cap", m), "retry.cap",
                  "must not be less than retry.base (%s) (got \"%s\")", hi, lo);
     }
-    if (c->admin_listen[0] != '\0' && strcmp(c->admin_listen, c->listen) == 0
-        && strcmp(c->listen + strlen(c->listen) - 2, ":0") != 0) {
-        conf_err(x, conf_mark(x, root, "admin_listen", root->start_mark),
-                 "admin_listen", "must differ from listen (got \"%s\")", c->admin_listen);
+    if (c->admin_listen[0] != '\0' && strcmp(c->admin_listen, c->listen) == 0 &&
+        strcmp(c->listen + strlen(c->listen) - 2, ":0") != 0) {
+        conf_err(x, conf_mark(x, root, "admin_listen", root->start_mark), "admin_listen",
+                 "must differ from listen (got \"%s\")", c->admin_listen);
     }
 }
 
 /* ---- entry points ---- */
 
-static void conf_syntax(struct conf_ctx *x, const yaml_parser_t *p,
-                        const char *text, size_t len)
+static void
+conf_syntax(struct conf_ctx *x, const yaml_parser_t *p, const char *text, size_t len)
 {
     yaml_mark_t m = p->problem_mark;
     size_t i;
@@ -1439,18 +1482,18 @@ static void conf_syntax(struct conf_ctx *x, const yaml_parser_t *p,
     if (p->error == YAML_MEMORY_ERROR) {
         conf_append(&x->err, &x->len, "%s: out of memory", x->name);
     } else if (p->context != NULL) {
-        conf_append(&x->err, &x->len, "%s:%zu:%zu: YAML syntax error: %s (%s at %zu:%zu)",
-                    x->name, (size_t)m.line + 1, (size_t)m.column + 1, p->problem,
-                    p->context, (size_t)p->context_mark.line + 1,
-                    (size_t)p->context_mark.column + 1);
+        conf_append(&x->err, &x->len, "%s:%zu:%zu: YAML syntax error: %s (%s at %zu:%zu)", x->name,
+                    (size_t)m.line + 1, (size_t)m.column + 1, p->problem, p->context,
+                    (size_t)p->context_mark.line + 1, (size_t)p->context_mark.column + 1);
     } else {
-        conf_append(&x->err, &x->len, "%s:%zu:%zu: YAML syntax error: %s",
-                    x->name, (size_t)m.line + 1, (size_t)m.column + 1,
+        conf_append(&x->err, &x->len, "%s:%zu:%zu: YAML syntax error: %s", x->name,
+                    (size_t)m.line + 1, (size_t)m.column + 1,
                     p->problem != NULL ? p->problem : "unknown problem");
     }
 }
 
-struct conf *conf_parse(const char *name, const char *text, size_t len, char **err)
+struct conf *
+conf_parse(const char *name, const char *text, size_t len, char **err)
 {
     struct conf_ctx x = {.name = name != NULL ? name : "<config>"};
     struct conf *c = conf_defaults();
@@ -1486,8 +1529,7 @@ struct conf *conf_parse(const char *name, const char *text, size_t len, char **e
     } else {
         root = yaml_document_get_root_node(&next);
         if (root != NULL) {
-            conf_err(&x, root->start_mark, "(top level)",
-                     "only one YAML document is allowed");
+            conf_err(&x, root->start_mark, "(top level)", "only one YAML document is allowed");
         }
         yaml_document_delete(&next);
     }
@@ -1507,7 +1549,8 @@ out:
 }
 
 /* Whole file into a malloc'd buffer; -1 with *ERR naming file and errno. */
-static int conf_read(const char *file, char **text, size_t *len, char **err)
+static int
+conf_read(const char *file, char **text, size_t *len, char **err)
 {
     size_t cap = 0, n = 0, got;
     char *buf = NULL, *p;
@@ -1542,7 +1585,8 @@ static int conf_read(const char *file, char **text, size_t *len, char **err)
     return 0;
 }
 
-struct conf *conf_load(const char *file, char **err)
+struct conf *
+conf_load(const char *file, char **err)
 {
     struct conf *c;
     char *text, *e = NULL;
@@ -1574,7 +1618,8 @@ struct conf *conf_load(const char *file, char **err)
 }
 
 /* Values of DSGATE_* may hold credentials: messages never quote them. */
-int conf_apply_env(struct conf *c, char **err)
+int
+conf_apply_env(struct conf *c, char **err)
 {
     const char *listen = getenv("DSGATE_LISTEN");
     const char *up = getenv("DSGATE_UPSTREAM");
@@ -1589,8 +1634,9 @@ int conf_apply_env(struct conf *c, char **err)
         if (conf_url_host(up, host, sizeof(host), why, sizeof(why)) < 0) {
             conf_append(&e, &len, "DSGATE_UPSTREAM: %s", why);
         } else if (c->upstreams[0].insecure && !conf_is_loopback(host)) {
-            conf_append(&e, &len, "DSGATE_UPSTREAM: upstreams[0].insecure is allowed "
-                                  "only for a loopback url host (127.x.x.x, ::1, localhost)");
+            conf_append(&e, &len,
+                        "DSGATE_UPSTREAM: upstreams[0].insecure is allowed "
+                        "only for a loopback url host (127.x.x.x, ::1, localhost)");
         }
     }
     if (redis != NULL && *redis != '\0' && conf_check_redis(redis, why, sizeof(why)) < 0) {
@@ -1625,8 +1671,9 @@ int conf_apply_env(struct conf *c, char **err)
     return 0;
 }
 
-static void conf_reload_keys(const struct conf_key *tab, const void *a, const void *b,
-                             const char *path, char **e, size_t *len)
+static void
+conf_reload_keys(const struct conf_key *tab, const void *a, const void *b, const char *path,
+                 char **e, size_t *len)
 {
     const struct conf_key *k;
     char sub[CONF_PATH];
@@ -1635,15 +1682,15 @@ static void conf_reload_keys(const struct conf_key *tab, const void *a, const vo
         conf_path(sub, sizeof(sub), path, k->name);
         if (k->type == CT_MAP) {
             conf_reload_keys(k->sub, a, b, sub, e, len);
-        } else if ((k->flags & CK_NORELOAD) && k->type == CT_STR
-                   && strcmp(*FIELD(a, k->off, char *), *FIELD(b, k->off, char *)) != 0) {
-            conf_append(e, len, "%s: cannot change on reload; restart dsgate to apply it",
-                        sub);
+        } else if ((k->flags & CK_NORELOAD) && k->type == CT_STR &&
+                   strcmp(*FIELD(a, k->off, char *), *FIELD(b, k->off, char *)) != 0) {
+            conf_append(e, len, "%s: cannot change on reload; restart dsgate to apply it", sub);
         }
     }
 }
 
-int conf_check_reload(const struct conf *old, const struct conf *next, char **err)
+int
+conf_check_reload(const struct conf *old, const struct conf *next, char **err)
 {
     char *e = NULL;
     size_t len = 0;

@@ -25,53 +25,53 @@ enum log_level { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
 enum log_format { LOG_FORMAT_JSON, LOG_FORMAT_TEXT };
 
 struct conf_model {
-    char *from;                 /* name the client uses */
-    char *to;                   /* name sent to this upstream */
+    char *from; /* name the client uses */
+    char *to;   /* name sent to this upstream */
 };
 
 struct conf_upstream {
     char *name;
-    char *url;                  /* base URL, no trailing slash */
-    char *api_key_env;          /* variable holding the key; may be "" */
-    int max_inflight;           /* 1..10000 */
+    char *url;         /* base URL, no trailing slash */
+    char *api_key_env; /* variable holding the key; may be "" */
+    int max_inflight;  /* 1..10000 */
     bool adaptive;
-    int weight;                 /* 1..1000 */
+    int weight; /* 1..1000 */
     struct conf_model *models;
     size_t nmodels;
-    int64_t connect_ms;         /* timeouts.connect, > 0 */
-    int64_t first_data_ms;      /* timeouts.first_data, 0: none */
-    int64_t idle_ms;            /* timeouts.idle, 0: none */
-    int64_t total_ms;           /* timeouts.total, 0: none */
-    char *ca_file;              /* "" : system store */
-    bool insecure;              /* skip TLS verification; loopback only */
+    int64_t connect_ms;    /* timeouts.connect, > 0 */
+    int64_t first_data_ms; /* timeouts.first_data, 0: none */
+    int64_t idle_ms;       /* timeouts.idle, 0: none */
+    int64_t total_ms;      /* timeouts.total, 0: none */
+    char *ca_file;         /* "" : system store */
+    bool insecure;         /* skip TLS verification; loopback only */
 };
 
 struct conf_client {
-    char *token_env;            /* variable holding the client token */
+    char *token_env; /* variable holding the client token */
     enum prio priority;
 };
 
 #define CONF_MAX_RETRY_STATUS 16
 
 struct conf {
-    char *file;                 /* file loaded, or NULL for built-in */
+    char *file; /* file loaded, or NULL for built-in */
 
-    char *listen;               /* "host:port" */
-    char *admin_listen;         /* "" : none */
+    char *listen;       /* "host:port" */
+    char *admin_listen; /* "" : none */
 
     struct conf_upstream *upstreams;
-    size_t nupstreams;          /* >= 1 */
+    size_t nupstreams; /* >= 1 */
     enum routing routing;
 
     struct {
-        int64_t max_queued;     /* 0..1000000 */
+        int64_t max_queued; /* 0..1000000 */
         int64_t max_wait_ms;
         enum prio default_priority;
-        int64_t aging_ms;       /* 0: no aging */
+        int64_t aging_ms; /* 0: no aging */
     } queue;
 
     struct {
-        int max_attempts;       /* 1..20, including the first */
+        int max_attempts; /* 1..20, including the first */
         int64_t base_ms;
         int64_t cap_ms;
         enum jitter jitter;
@@ -79,15 +79,15 @@ struct conf {
         size_t non_status;
         bool on_connect;
         bool on_timeout;
-        double budget;          /* 0..10 */
+        double budget; /* 0..10 */
     } retry;
 
     struct {
         bool enabled;
         int64_t ttl_ms;
-        int64_t max_entries;    /* memory.max_entries, 0: memory tier off */
-        int64_t max_bytes;      /* memory.max_bytes */
-        char *redis_url;        /* "" : memory only */
+        int64_t max_entries; /* memory.max_entries, 0: memory tier off */
+        int64_t max_bytes;   /* memory.max_bytes */
+        char *redis_url;     /* "" : memory only */
         char *redis_prefix;
         int64_t redis_timeout_ms;
         bool shared;
@@ -96,7 +96,7 @@ struct conf {
     } cache;
 
     struct {
-        char *redis;            /* "" : fleet mode off */
+        char *redis; /* "" : fleet mode off */
         int64_t lease_ttl_ms;
         int fallback_instances; /* 1..1000 */
     } fleet;
@@ -118,7 +118,7 @@ struct conf {
     struct {
         enum log_level level;
         enum log_format format;
-        char *file;             /* "" : stderr */
+        char *file; /* "" : stderr */
     } log;
 };
 
@@ -135,8 +135,7 @@ struct conf *conf_defaults(void);
  * newline-separated list of every problem (NULL when there is none).
  * Environment overrides are not applied here.
  */
-struct conf *conf_parse(const char *name, const char *text, size_t len,
-                        char **err);
+struct conf *conf_parse(const char *name, const char *text, size_t len, char **err);
 
 /*
  * Read and parse FILE, then apply the environment overrides
@@ -172,7 +171,6 @@ int conf_parse_hostport(const char *s, char *host, size_t hostlen, int *port);
  * admin_listen, fleet.redis).  0 when NEXT keeps them as in OLD, else -1
  * with *ERR (malloc'd, caller frees) naming each changed key.
  */
-int conf_check_reload(const struct conf *old, const struct conf *next,
-                      char **err);
+int conf_check_reload(const struct conf *old, const struct conf *next, char **err);
 
 #endif

@@ -26,11 +26,11 @@
 #include "metrics.h"
 #include "rlink.h"
 
-#define CHANNEL          "dsgate:fleet"
-#define KEY_PREFIX       "dsgate:fleet:"
-#define ACQUIRE_MAX      64      /* leases asked for at once */
-#define RETRY_MS         50      /* ask again when none was free */
-#define FLUSH_MS         1000    /* successes sent to the shared limit */
+#define CHANNEL     "dsgate:fleet"
+#define KEY_PREFIX  "dsgate:fleet:"
+#define ACQUIRE_MAX 64   /* leases asked for at once */
+#define RETRY_MS    50   /* ask again when none was free */
+#define FLUSH_MS    1000 /* successes sent to the shared limit */
 
 /* KEYS: lease set, limit; ARGV: max_inflight, ttl ms, count, member prefix */
 static const char acquire_lua[] =
@@ -68,10 +68,9 @@ static const char renew_lua[] =
     "return n\n";
 
 /* KEYS: lease set; ARGV: channel, message, members... */
-static const char release_lua[] =
-    "for i = 3, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end\n"
-    "redis.call('PUBLISH', ARGV[1], ARGV[2])\n"
-    "return 1\n";
+static const char release_lua[] = "for i = 3, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end\n"
+                                  "redis.call('PUBLISH', ARGV[1], ARGV[2])\n"
+                                  "return 1\n";
 
 /* KEYS: limit, last cut; ARGV: max, gap ms (cut x0.7) or successes (raise) */
 static const char cut_lua[] =
@@ -106,15 +105,15 @@ struct fleet_up {
     struct fleet_up *next;
     struct fleet *f;
     char *name;
-    struct lease *granted;      /* granted, not yet used */
+    struct lease *granted; /* granted, not yet used */
     size_t ngranted;
-    char **held;                /* in use by transfers */
+    char **held; /* in use by transfers */
     size_t nheld, cheld;
     bool acquiring;
     int64_t want_since_us;
     uint32_t successes;
     int max_inflight;
-    double limit;               /* last fleet-wide limit seen */
+    double limit; /* last fleet-wide limit seen */
 };
 
 enum wait_state { W_CLAIMING, W_WAITING };
@@ -270,7 +269,7 @@ fleet_take(struct fleet_up *fu)
     while (fu->ngranted > 0) {
         struct lease l = fu->granted[--fu->ngranted];
         if (now - l.granted_us > max_age || held_add(fu, l.member) < 0) {
-            free(l.member);         /* too old to trust: Redis may have dropped it */
+            free(l.member); /* too old to trust: Redis may have dropped it */
             continue;
         }
         return l.member;
@@ -344,8 +343,7 @@ on_acquire(redisAsyncContext *ac, void *r, void *priv)
     (void)ac;
     fu->acquiring = false;
     if (reply && reply->type == REDIS_REPLY_ARRAY) {
-        struct lease *g = realloc(fu->granted, (fu->ngranted + reply->elements + 1) *
-                                                   sizeof(*g));
+        struct lease *g = realloc(fu->granted, (fu->ngranted + reply->elements + 1) * sizeof(*g));
         if (g) {
             fu->granted = g;
             for (size_t i = 0; i < reply->elements; i++) {
@@ -355,7 +353,7 @@ on_acquire(redisAsyncContext *ac, void *r, void *priv)
                 }
                 char *m = strndup(e->str, e->len);
                 if (m) {
-                    g[fu->ngranted++] = (struct lease){ m, http_now_us() };
+                    g[fu->ngranted++] = (struct lease){m, http_now_us()};
                     got++;
                 }
             }
@@ -371,7 +369,7 @@ on_acquire(redisAsyncContext *ac, void *r, void *priv)
     if (got > 0) {
         request_pump(f->gw);
     } else if (!evtimer_pending(f->retry, NULL)) {
-        struct timeval tv = { 0, RETRY_MS * 1000 };
+        struct timeval tv = {0, RETRY_MS * 1000};
         evtimer_add(f->retry, &tv);
     }
 }
@@ -398,7 +396,7 @@ fleet_want(struct fleet *f, struct fleet_up *fu, int max_inflight, size_t want)
     snprintf(sttl, sizeof(sttl), "%lld", (long long)f->lease_ttl_ms);
     snprintf(swant, sizeof(swant), "%zu", want < ACQUIRE_MAX ? want : ACQUIRE_MAX);
     snprintf(prefix, sizeof(prefix), "%s:", f->instance);
-    const char *args[] = { key, lkey, smax, sttl, swant, prefix };
+    const char *args[] = {key, lkey, smax, sttl, swant, prefix};
     eval(f, on_acquire, ctx, acquire_lua, 2, args, 6);
 }
 
@@ -431,7 +429,7 @@ fleet_feedback(struct fleet *f, struct fleet_up *fu, int max_inflight, bool over
     key_for(key, sizeof(key), "limit", fu->name);
     key_for(tkey, sizeof(tkey), "limitcut", fu->name);
     snprintf(smax, sizeof(smax), "%d", max_inflight);
-    const char *args[] = { key, tkey, smax, "200" };
+    const char *args[] = {key, tkey, smax, "200"};
     eval(f, on_limit, fu, cut_lua, 2, args, 4);
 }
 
@@ -454,7 +452,7 @@ flush_cb(evutil_socket_t fd, short what, void *arg)
         snprintf(smax, sizeof(smax), "%d", fu->max_inflight);
         snprintf(sn, sizeof(sn), "%u", fu->successes < 100000 ? fu->successes : 100000);
         fu->successes = 0;
-        const char *args[] = { key, smax, sn };
+        const char *args[] = {key, smax, sn};
         eval(f, on_limit, fu, raise_lua, 1, args, 3);
     }
 }
@@ -486,7 +484,7 @@ renew_cb(evutil_socket_t fd, short what, void *arg)
     }
     /* the renewal period follows a reloaded lease_ttl */
     int64_t ms = f->lease_ttl_ms / 3;
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
     evtimer_add(f->renew, &tv);
 }
 
@@ -573,7 +571,7 @@ on_claim(redisAsyncContext *ac, void *r, void *priv)
         return;
     }
     w->state = W_WAITING;
-    fn(arg, false);                 /* calls fleet_wait() or fleet_wait_cancel() */
+    fn(arg, false); /* calls fleet_wait() or fleet_wait_cancel() */
 }
 
 struct fleet_wait *
@@ -597,7 +595,7 @@ fleet_claim(struct fleet *f, const uint8_t key[CACHE_KEY_LEN], int64_t ttl_ms, f
     cache_key_hex(key, w->hex);
     snprintf(k, sizeof(k), KEY_PREFIX "inflight:%s", w->hex);
     snprintf(ttl, sizeof(ttl), "%lld", (long long)ttl_ms);
-    const char *argv[] = { "SET", k, f->instance, "NX", "PX", ttl };
+    const char *argv[] = {"SET", k, f->instance, "NX", "PX", ttl};
     size_t argvlen[6];
     for (int i = 0; i < 6; i++) {
         argvlen[i] = strlen(argv[i]);
@@ -621,7 +619,7 @@ fleet_wait(struct fleet_wait *w, int64_t timeout_ms, fleet_done_fn fn)
     w->f->waits = w;
     w->linked = true;
     if (w->timer) {
-        struct timeval tv = { timeout_ms / 1000, (timeout_ms % 1000) * 1000 };
+        struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
         evtimer_add(w->timer, &tv);
     }
 }
@@ -633,7 +631,7 @@ fleet_wait_cancel(struct fleet_wait *w)
         return;
     }
     if (w->state == W_CLAIMING && w->claim_fn) {
-        w->cancelled = true;        /* the pending reply frees it */
+        w->cancelled = true; /* the pending reply frees it */
         return;
     }
     wait_free(w);
@@ -676,7 +674,7 @@ on_message(void *arg, const char *channel, const char *msg, size_t len)
         next = w->next;
         if (w->state == W_WAITING && strncmp(w->hex, hex, 2 * CACHE_KEY_LEN) == 0) {
             wait_end(w, done);
-            next = f->waits;        /* the list may have changed under us */
+            next = f->waits; /* the list may have changed under us */
         }
     }
 }
@@ -741,7 +739,7 @@ fleet_new(struct gateway *gw, const char *url, int64_t lease_ttl_ms, int fallbac
         return NULL;
     }
     rlink_subscribe(f->sub, CHANNEL, on_message, f);
-    struct timeval fl = { FLUSH_MS / 1000, (FLUSH_MS % 1000) * 1000 };
+    struct timeval fl = {FLUSH_MS / 1000, (FLUSH_MS % 1000) * 1000};
     evtimer_add(f->flush, &fl);
     renew_cb(-1, 0, f);
     update_gauges(f);
@@ -755,7 +753,7 @@ fleet_free(struct fleet *f)
         return;
     }
     f->active = false;
-    rlink_free(f->cmd);             /* pending replies run now, with NULL */
+    rlink_free(f->cmd); /* pending replies run now, with NULL */
     rlink_free(f->sub);
     while (f->waits) {
         wait_free(f->waits);

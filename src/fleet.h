@@ -68,7 +68,8 @@ char *fleet_take(struct fleet_up *fu);
 void fleet_want(struct fleet *f, struct fleet_up *fu, int max_inflight, size_t want);
 /* The transfer that held LEASE (from fleet_take) ended. */
 void fleet_release(struct fleet *f, struct fleet_up *fu, char *lease);
-/* Adaptive signal: OVERLOAD true when this instance's window judged overload, false for a success. */
+/* Adaptive signal: OVERLOAD true when this instance's window judged overload, false for a success.
+ */
 void fleet_feedback(struct fleet *f, struct fleet_up *fu, int max_inflight, bool overload);
 
 /*

@@ -114,8 +114,8 @@ clients_build(const struct conf *c, struct gw_client **out, size_t *nout)
     for (size_t i = 0; i < c->nclients; i++) {
         const char *tok = getenv(c->clients[i].token_env);
         if (!tok || !*tok) {
-            log_msg(LOG_WARN, "clients[%zu]: variable %s is not set; that client cannot log in",
-                    i, c->clients[i].token_env);
+            log_msg(LOG_WARN, "clients[%zu]: variable %s is not set; that client cannot log in", i,
+                    c->clients[i].token_env);
             continue;
         }
         cl[n].token = strdup(tok);
@@ -170,12 +170,12 @@ gateway_apply(struct gateway *gw, struct conf *c)
         return -1;
     }
     cref->conf = c;
-    cref->refs = 1;                 /* the gateway's */
+    cref->refs = 1; /* the gateway's */
 
     /* fleet mode starts with the process (fleet.redis needs a restart) */
     if (!gw->cref && c->fleet.redis[0]) {
-        gw->fleet = fleet_new(gw, c->fleet.redis, c->fleet.lease_ttl_ms,
-                              c->fleet.fallback_instances);
+        gw->fleet =
+            fleet_new(gw, c->fleet.redis, c->fleet.lease_ttl_ms, c->fleet.fallback_instances);
         if (!gw->fleet) {
             log_msg(LOG_ERROR, "fleet.redis cannot be used; fleet mode is off");
         }
@@ -216,7 +216,7 @@ gateway_apply(struct gateway *gw, struct conf *c)
         ups[i] = u;
     }
     for (size_t i = 0; i < gw->nups; i++) {
-        gw_upstream_unref(gw->ups[i]);  /* dropped ones go when their requests end */
+        gw_upstream_unref(gw->ups[i]); /* dropped ones go when their requests end */
     }
     free(gw->ups);
     gw->ups = ups;
@@ -239,7 +239,7 @@ gateway_apply(struct gateway *gw, struct conf *c)
         gw->mem = cache_mem_new((size_t)c->cache.max_entries, (size_t)c->cache.max_bytes);
     }
     if (gw->store && (!want_store || strcmp(old_url, c->cache.redis_url) != 0)) {
-        store_free(gw->store);      /* pending lookups end as misses */
+        store_free(gw->store); /* pending lookups end as misses */
         gw->store = NULL;
     }
     if (gw->store) {

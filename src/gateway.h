@@ -45,15 +45,15 @@ struct conf_ref {
 
 struct gw_upstream {
     int refs;
-    struct conf_ref *cref;      /* keeps the configuration CONF points into alive */
+    struct conf_ref *cref; /* keeps the configuration CONF points into alive */
     const struct conf_upstream *conf;
-    size_t idx;                 /* position in gateway.ups */
-    char *auth_header;          /* "Authorization: Bearer <key>" or NULL; secret */
-    struct sched_limit limit;   /* in flight and the adaptive limit */
+    size_t idx;               /* position in gateway.ups */
+    char *auth_header;        /* "Authorization: Bearer <key>" or NULL; secret */
+    struct sched_limit limit; /* in flight and the adaptive limit */
     struct circuit circuit;
-    int64_t swrr;               /* smooth weighted round robin state */
-    struct fleet_up *fleet;     /* leases and the shared limit, in fleet mode */
-    struct event *wake;         /* pumps the queue when an open circuit may close */
+    int64_t swrr;           /* smooth weighted round robin state */
+    struct fleet_up *fleet; /* leases and the shared limit, in fleet mode */
+    struct event *wake;     /* pumps the queue when an open circuit may close */
     struct gateway *gw;
     /* the answer that opened the circuit on 401/402/403, replayed while it is open */
     int auth_status;
@@ -62,33 +62,33 @@ struct gw_upstream {
 };
 
 struct gw_client {
-    char *token;                /* secret */
+    char *token; /* secret */
     size_t token_len;
     enum prio priority;
 };
 
 struct gateway {
     struct event_base *base;
-    struct conf *conf;          /* current: cref->conf */
+    struct conf *conf; /* current: cref->conf */
     struct conf_ref *cref;
     struct upstream_ctx *up;
     struct http_server *srv;
     struct gw_upstream **ups;
     size_t nups;
-    bool has_aliases;           /* some upstream has a models map */
-    struct gw_client *clients;  /* those whose token variable is set */
+    bool has_aliases;          /* some upstream has a models map */
+    struct gw_client *clients; /* those whose token variable is set */
     size_t nclients;
-    bool require_client;        /* clients: configured */
-    struct sched_set queue;     /* requests waiting for an upstream slot */
-    struct cache_mem *mem;      /* memory tier of the cache */
-    struct store *store;        /* Redis tier, or NULL */
-    struct fleet *fleet;        /* fleet mode, or NULL */
-    char *cache_group;          /* upstream names, part of every cache key */
-    struct flight **flights;    /* cacheable requests in flight, by key */
+    bool require_client;     /* clients: configured */
+    struct sched_set queue;  /* requests waiting for an upstream slot */
+    struct cache_mem *mem;   /* memory tier of the cache */
+    struct store *store;     /* Redis tier, or NULL */
+    struct fleet *fleet;     /* fleet mode, or NULL */
+    char *cache_group;       /* upstream names, part of every cache key */
+    struct flight **flights; /* cacheable requests in flight, by key */
     size_t nflight_buckets;
     struct retry_budget budget;
     size_t live_requests;
-    struct request *live;       /* every request not yet finished */
+    struct request *live; /* every request not yet finished */
     bool draining;
 };
 
@@ -131,8 +131,7 @@ void request_cache_free(struct gateway *gw);
  * A request answered without being proxied (refused by the server or the
  * HTTP layer): its access-log line and its count.  END says why.
  */
-void request_note_reject(const struct http_req *req, enum prio prio, int status,
-                         const char *end);
+void request_note_reject(const struct http_req *req, enum prio prio, int status, const char *end);
 
 /* Start queued requests while upstream slots are free. */
 void request_pump(struct gateway *gw);

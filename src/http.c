@@ -48,11 +48,11 @@
 #define ACCEPT_PAUSE_MS 100
 
 enum conn_state {
-    CS_IDLE,        /* waiting for the first byte of a request */
-    CS_HEAD,        /* reading the request head */
-    CS_BODY,        /* reading the body */
-    CS_BUSY,        /* handler owns the request; reply in progress */
-    CS_LINGER,      /* write side shut; discarding input until close */
+    CS_IDLE,   /* waiting for the first byte of a request */
+    CS_HEAD,   /* reading the request head */
+    CS_BODY,   /* reading the body */
+    CS_BUSY,   /* handler owns the request; reply in progress */
+    CS_LINGER, /* write side shut; discarding input until close */
 };
 
 enum chunk_state { CH_SIZE, CH_DATA, CH_DATA_END, CH_TRAILER };
@@ -69,16 +69,16 @@ struct http_conn {
     struct evbuffer *out;
     bool read_paused;
     bool write_armed;
-    bool write_failed;          /* a write from outside an event failed */
+    bool write_failed; /* a write from outside an event failed */
 
     /* the current request */
     struct http_req req;
-    char *head;                 /* copy of the head; headers point into it */
+    char *head; /* copy of the head; headers point into it */
     struct http_header *hdrs;
     size_t hdrs_cap;
     bool keep_alive;
     bool expect_continue;
-    int64_t content_length;     /* -1: none */
+    int64_t content_length; /* -1: none */
     bool chunked;
     enum chunk_state ch_state;
     uint64_t ch_left;
@@ -90,7 +90,7 @@ struct http_conn {
     bool reply_chunked;
     bool reply_no_body;
     bool reply_ended;
-    bool reply_close;           /* close the connection after this reply */
+    bool reply_close; /* close the connection after this reply */
     bool drain_armed;
     http_close_fn on_close;
     http_drain_fn on_drain;
@@ -133,39 +133,72 @@ const char *
 http_reason(int status)
 {
     switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 206: return "Partial Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 304: return "Not Modified";
-    case 307: return "Temporary Redirect";
-    case 308: return "Permanent Redirect";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 402: return "Payment Required";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 411: return "Length Required";
-    case 413: return "Content Too Large";
-    case 415: return "Unsupported Media Type";
-    case 417: return "Expectation Failed";
-    case 422: return "Unprocessable Content";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    default: return "Unknown";
+    case 100:
+        return "Continue";
+    case 200:
+        return "OK";
+    case 201:
+        return "Created";
+    case 202:
+        return "Accepted";
+    case 204:
+        return "No Content";
+    case 206:
+        return "Partial Content";
+    case 301:
+        return "Moved Permanently";
+    case 302:
+        return "Found";
+    case 304:
+        return "Not Modified";
+    case 307:
+        return "Temporary Redirect";
+    case 308:
+        return "Permanent Redirect";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 402:
+        return "Payment Required";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 408:
+        return "Request Timeout";
+    case 409:
+        return "Conflict";
+    case 411:
+        return "Length Required";
+    case 413:
+        return "Content Too Large";
+    case 415:
+        return "Unsupported Media Type";
+    case 417:
+        return "Expectation Failed";
+    case 422:
+        return "Unprocessable Content";
+    case 429:
+        return "Too Many Requests";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 500:
+        return "Internal Server Error";
+    case 501:
+        return "Not Implemented";
+    case 502:
+        return "Bad Gateway";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    case 505:
+        return "HTTP Version Not Supported";
+    default:
+        return "Unknown";
     }
 }
 
@@ -176,7 +209,7 @@ timer_set(struct http_conn *c, int64_t ms)
         evtimer_del(c->ev_timer);
         return;
     }
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
     evtimer_add(c->ev_timer, &tv);
 }
 
@@ -541,7 +574,7 @@ parse_head(struct http_conn *c, size_t len, const char **code, const char **msg)
         }
         le = line_end > p && line_end[-1] == '\r' ? line_end - 1 : line_end;
         if (le == p) {
-            break;                  /* the empty line */
+            break; /* the empty line */
         }
         if (*p == ' ' || *p == '\t') {
             *msg = "obsolete header line folding is not accepted";
@@ -771,7 +804,7 @@ read_body(struct http_conn *c, const char **msg)
             if (content == 0) {
                 return 1;
             }
-            break;                  /* trailer fields are dropped */
+            break; /* trailer fields are dropped */
         case CH_DATA:
             break;
         }
@@ -822,8 +855,8 @@ head_end(struct http_conn *c, unsigned char **d, size_t *scan, size_t *skip)
     }
     for (size_t i = *skip; i + 1 < *scan; i++) {
         const unsigned char *p = *d;
-        if (p[i] == '\n' && (p[i + 1] == '\n' ||
-                             (p[i + 1] == '\r' && i + 2 < *scan && p[i + 2] == '\n'))) {
+        if (p[i] == '\n' &&
+            (p[i + 1] == '\n' || (p[i + 1] == '\r' && i + 2 < *scan && p[i + 2] == '\n'))) {
             return i + (p[i + 1] == '\n' ? 2 : 3);
         }
     }
@@ -1025,8 +1058,8 @@ add_uint(struct evbuffer *b, uint64_t v)
 }
 
 void
-http_reply_start(struct http_req *r, int status, const struct http_header *headers,
-                 size_t nheaders, int64_t content_length)
+http_reply_start(struct http_req *r, int status, const struct http_header *headers, size_t nheaders,
+                 int64_t content_length)
 {
     struct http_conn *c = req_conn(r);
     struct evbuffer *o = c->out;
@@ -1036,8 +1069,8 @@ http_reply_start(struct http_req *r, int status, const struct http_header *heade
         return;
     }
     c->reply_started = true;
-    c->reply_no_body = (r->method && strcmp(r->method, "HEAD") == 0) || status == 204 ||
-                       status == 304;
+    c->reply_no_body =
+        (r->method && strcmp(r->method, "HEAD") == 0) || status == 204 || status == 304;
     if (content_length < 0 && !c->reply_no_body) {
         if (r->http_minor == 1) {
             c->reply_chunked = true;
@@ -1196,13 +1229,13 @@ http_reply_error_h(struct http_req *r, int status, const char *type, const char 
     size_t nh = 0;
     bool have_retry = false;
 
-    h[nh++] = (struct http_header){ "Content-Type", "application/json" };
+    h[nh++] = (struct http_header){"Content-Type", "application/json"};
     for (size_t i = 0; i < nheaders && nh < 15; i++) {
         have_retry |= strcasecmp(headers[i].name, "Retry-After") == 0;
         h[nh++] = headers[i];
     }
     if ((status == 429 || status == 503) && !have_retry) {
-        h[nh++] = (struct http_header){ "Retry-After", "1" };
+        h[nh++] = (struct http_header){"Retry-After", "1"};
     }
     if (!b) {
         http_reply(r, status, h, nh, "", 0);
@@ -1341,10 +1374,10 @@ accept_cb(evutil_socket_t lfd, short what, void *arg)
             }
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
                 /* do not spin on a listener we cannot serve; try again soon */
-                log_msg(LOG_WARN, "accept: %s; pausing new connections for %d ms",
-                        strerror(errno), ACCEPT_PAUSE_MS);
+                log_msg(LOG_WARN, "accept: %s; pausing new connections for %d ms", strerror(errno),
+                        ACCEPT_PAUSE_MS);
                 event_del(s->ev_accept);
-                struct timeval tv = { 0, ACCEPT_PAUSE_MS * 1000 };
+                struct timeval tv = {0, ACCEPT_PAUSE_MS * 1000};
                 evtimer_add(s->ev_resume, &tv);
             }
             return;
@@ -1368,11 +1401,16 @@ accept_cb(evutil_socket_t lfd, short what, void *arg)
         c->ev_write = event_new(s->base, fd, EV_WRITE, conn_write_cb, c);
         c->ev_timer = evtimer_new(s->base, conn_timer_cb, c);
         if (!c->in || !c->out || !c->ev_read || !c->ev_write || !c->ev_timer) {
-            if (c->in) evbuffer_free(c->in);
-            if (c->out) evbuffer_free(c->out);
-            if (c->ev_read) event_free(c->ev_read);
-            if (c->ev_write) event_free(c->ev_write);
-            if (c->ev_timer) event_free(c->ev_timer);
+            if (c->in)
+                evbuffer_free(c->in);
+            if (c->out)
+                evbuffer_free(c->out);
+            if (c->ev_read)
+                event_free(c->ev_read);
+            if (c->ev_write)
+                event_free(c->ev_write);
+            if (c->ev_timer)
+                event_free(c->ev_timer);
             free(c);
             close(fd);
             continue;

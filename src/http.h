@@ -43,31 +43,30 @@ typedef void (*http_close_fn)(void *arg);
 typedef void (*http_drain_fn)(void *arg);
 
 struct http_req {
-    uint64_t id;                /* unique per process */
+    uint64_t id; /* unique per process */
     const char *method;
-    const char *target;         /* origin-form, path + query */
-    const char *path;           /* NUL-terminated copy without the query */
-    const char *query;          /* after '?', or "" */
-    int http_minor;             /* 0 or 1 */
+    const char *target; /* origin-form, path + query */
+    const char *path;   /* NUL-terminated copy without the query */
+    const char *query;  /* after '?', or "" */
+    int http_minor;     /* 0 or 1 */
     struct http_header *headers;
     size_t nheaders;
-    char *body;                 /* NUL-terminated, body_len bytes */
+    char *body; /* NUL-terminated, body_len bytes */
     size_t body_len;
-    int64_t t_start_us;         /* monotonic, first byte of the request */
+    int64_t t_start_us; /* monotonic, first byte of the request */
 };
 
 /* Start listening on "host:port".  NULL on failure (logged). */
 struct http_server *http_server_new(struct event_base *base, const char *addr,
-                                    const struct http_limits *lim,
-                                    http_handler_fn handler, void *arg);
+                                    const struct http_limits *lim, http_handler_fn handler,
+                                    void *arg);
 void http_server_set_limits(struct http_server *s, const struct http_limits *lim);
 /*
  * Called when the server refuses a request itself (400, 405, 408, 413,
  * 431, ...), before its error reply; REQ may be partly parsed (method or
  * path NULL).
  */
-typedef void (*http_reject_fn)(const struct http_req *req, int status, const char *code,
-                               void *arg);
+typedef void (*http_reject_fn)(const struct http_req *req, int status, const char *code, void *arg);
 void http_server_set_reject_hook(struct http_server *s, http_reject_fn fn, void *arg);
 /* Close the listening socket: no new connections (drain). */
 void http_server_stop_accepting(struct http_server *s);
@@ -82,8 +81,8 @@ void http_server_free(struct http_server *s);
 /* Case-insensitive header lookup; NULL when absent. */
 const char *http_req_header(const struct http_req *r, const char *name);
 
-void http_req_set_callbacks(struct http_req *r, http_close_fn on_close,
-                            http_drain_fn on_drain, void *arg);
+void http_req_set_callbacks(struct http_req *r, http_close_fn on_close, http_drain_fn on_drain,
+                            void *arg);
 
 /* Steal the body buffer (caller frees it with free()). */
 char *http_req_take_body(struct http_req *r, size_t *len);
@@ -105,17 +104,16 @@ void http_reply_end(struct http_req *r, bool abort);
 void http_reply_data_ref(struct http_req *r, const void *data, size_t len,
                          void (*release)(void *arg), void *arg);
 /* A whole reply in one call. */
-void http_reply(struct http_req *r, int status, const struct http_header *headers,
-                size_t nheaders, const void *body, size_t len);
+void http_reply(struct http_req *r, int status, const struct http_header *headers, size_t nheaders,
+                const void *body, size_t len);
 /*
  * OpenAI-shaped error: {"error":{"message":M,"type":T,"code":C}}, with
  * Retry-After: 1 on 429 and 503 unless HEADERS carry their own.
  */
-void http_reply_error(struct http_req *r, int status, const char *type,
-                      const char *code, const char *message);
+void http_reply_error(struct http_req *r, int status, const char *type, const char *code,
+                      const char *message);
 void http_reply_error_h(struct http_req *r, int status, const char *type, const char *code,
-                        const char *message, const struct http_header *headers,
-                        size_t nheaders);
+                        const char *message, const struct http_header *headers, size_t nheaders);
 bool http_reply_started(const struct http_req *r);
 /* Bytes queued for the client and not yet written to the socket. */
 size_t http_reply_pending(const struct http_req *r);

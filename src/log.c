@@ -23,7 +23,7 @@ static enum log_format cur_format = LOG_FORMAT_JSON;
 static int log_fd = 2;
 static char log_path[4096];
 
-static const char *level_names[] = { "error", "warn", "info", "debug" };
+static const char *level_names[] = {"error", "warn", "info", "debug"};
 
 int
 log_open(enum log_level level, enum log_format format, const char *file)

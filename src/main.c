@@ -90,7 +90,7 @@ notify(const char *state)
     sa.sun_family = AF_UNIX;
     memcpy(sa.sun_path, path, strlen(path));
     if (sa.sun_path[0] == '@') {
-        sa.sun_path[0] = '\0';      /* abstract namespace */
+        sa.sun_path[0] = '\0'; /* abstract namespace */
     }
     socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(path));
     ssize_t n = sendto(fd, state, strlen(state), MSG_NOSIGNAL, (struct sockaddr *)&sa, len);
@@ -128,7 +128,7 @@ drain_check_cb(evutil_socket_t fd, short what, void *arg)
         event_base_loopbreak(gw.base);
         return;
     }
-    struct timeval tv = { 0, DRAIN_POLL_MS * 1000 };
+    struct timeval tv = {0, DRAIN_POLL_MS * 1000};
     evtimer_add(drain_timer, &tv);
 }
 
@@ -145,8 +145,8 @@ signal_stop_cb(evutil_socket_t sig, short what, void *arg)
     stopping = true;
     gw.draining = true;
     notify("STOPPING=1");
-    log_msg(LOG_INFO, "%s: draining (%zu requests in flight, up to %lld ms)",
-            strsignal((int)sig), gw.live_requests, (long long)gw.conf->shutdown_timeout_ms);
+    log_msg(LOG_INFO, "%s: draining (%zu requests in flight, up to %lld ms)", strsignal((int)sig),
+            gw.live_requests, (long long)gw.conf->shutdown_timeout_ms);
     http_server_stop_accepting(gw.srv);
     http_server_close_idle(gw.srv);
     if (admin_srv) {
@@ -197,7 +197,7 @@ signal_hup_cb(evutil_socket_t sig, short what, void *arg)
         log_msg(LOG_INFO, "reloaded %s: %zu upstream(s)", conf_file ? conf_file : "(built-in)",
                 gw.nups);
     }
-    request_pump(&gw);              /* new limits may let queued requests go */
+    request_pump(&gw); /* new limits may let queued requests go */
     notify("READY=1");
 }
 
@@ -243,12 +243,9 @@ int
 main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        { "config", required_argument, NULL, 'c' },
-        { "check-config", no_argument, NULL, 't' },
-        { "health", required_argument, NULL, 'H' },
-        { "version", no_argument, NULL, 'v' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
+        {"config", required_argument, NULL, 'c'}, {"check-config", no_argument, NULL, 't'},
+        {"health", required_argument, NULL, 'H'}, {"version", no_argument, NULL, 'v'},
+        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
     };
     const char *file = NULL, *health = NULL;
     bool check = false;
@@ -341,8 +338,7 @@ main(int argc, char **argv)
     }
     http_server_set_reject_hook(gw.srv, server_on_http_reject, &gw);
     if (gw.conf->admin_listen[0]) {
-        admin_srv = http_server_new(gw.base, gw.conf->admin_listen, &lim, server_handle_admin,
-                                    &gw);
+        admin_srv = http_server_new(gw.base, gw.conf->admin_listen, &lim, server_handle_admin, &gw);
         if (!admin_srv) {
             return 1;
         }
@@ -365,7 +361,7 @@ main(int argc, char **argv)
 
     event_base_dispatch(gw.base);
 
-    request_shutdown(&gw);          /* queued and in-flight requests get their answer */
+    request_shutdown(&gw); /* queued and in-flight requests get their answer */
     http_server_free(gw.srv);
     http_server_free(admin_srv);
     upstream_ctx_free(gw.up);

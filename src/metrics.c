@@ -18,18 +18,18 @@
 #define MAX_FAMILIES 64
 #define HASH_SIZE    8192
 
-static const double buckets[] = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                   2.5, 5, 10, 30, 60, 120, 300, 600 };
+static const double buckets[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                 2.5,   5,    10,    30,   60,  120,  300, 600};
 #define NBUCKETS (sizeof(buckets) / sizeof(buckets[0]))
 
 struct series {
-    struct series *hnext;       /* hash chain */
-    struct series *fnext;       /* family order */
+    struct series *hnext; /* hash chain */
+    struct series *fnext; /* family order */
     const struct family *fam;
     char *labels;
-    double value;               /* counter/gauge value, or histogram sum */
-    uint64_t count;             /* histogram */
-    uint64_t bucket[NBUCKETS];  /* histogram, non-cumulative */
+    double value;              /* counter/gauge value, or histogram sum */
+    uint64_t count;            /* histogram */
+    uint64_t bucket[NBUCKETS]; /* histogram, non-cumulative */
 };
 
 struct family {
@@ -54,7 +54,7 @@ metrics_register(const char *name, enum metric_type type, const char *help)
         }
     }
     if (nfamilies < MAX_FAMILIES) {
-        families[nfamilies++] = (struct family){ name, help, type, NULL, NULL };
+        families[nfamilies++] = (struct family){name, help, type, NULL, NULL};
     }
 }
 
@@ -199,7 +199,7 @@ sample(struct evbuffer *out, const char *name, const char *suffix, const char *l
 void
 metrics_render(struct evbuffer *out)
 {
-    static const char *const type_names[] = { "counter", "gauge", "histogram" };
+    static const char *const type_names[] = {"counter", "gauge", "histogram"};
 
     for (size_t i = 0; i < nfamilies; i++) {
         const struct family *f = &families[i];

@@ -42,7 +42,7 @@ struct models_fetch {
     size_t nparts;
 };
 
-static char *models_cache;          /* serialised answer */
+static char *models_cache; /* serialised answer */
 static int64_t models_cache_until_us;
 
 bool
@@ -60,8 +60,8 @@ add_model(json_t *data, json_t *seen, const char *id, const char *owner)
         return;
     }
     json_object_set_new(seen, id, json_true());
-    json_array_append_new(data, json_pack("{s:s,s:s,s:s}", "id", id, "object", "model",
-                                          "owned_by", owner));
+    json_array_append_new(
+        data, json_pack("{s:s,s:s,s:s}", "id", id, "object", "model", "owned_by", owner));
 }
 
 static void
@@ -88,7 +88,8 @@ models_reply(struct models_fetch *mf)
         json_t *arr = doc ? json_object_get(doc, "data") : NULL;
         size_t k;
         json_t *m;
-        json_array_foreach(arr, k, m) {
+        json_array_foreach(arr, k, m)
+        {
             const char *id = json_string_value(json_object_get(m, "id"));
             if (id && !json_object_get(seen, id)) {
                 json_object_set_new(seen, id, json_true());
@@ -108,7 +109,7 @@ models_reply(struct models_fetch *mf)
         models_cache_until_us = http_now_us() + (partial ? MODELS_RETRY_MS : MODELS_TTL_MS) * 1000;
     }
     if (mf->req) {
-        static const struct http_header ct[] = { { "Content-Type", "application/json" } };
+        static const struct http_header ct[] = {{"Content-Type", "application/json"}};
         if (models_cache) {
             http_reply(mf->req, 200, ct, 1, models_cache, strlen(models_cache));
         } else {
@@ -172,8 +173,8 @@ part_done(void *arg, enum up_result res, const char *detail)
 
     p->x = NULL;
     if (res != UP_OK) {
-        log_msg(LOG_WARN, "up=%s: model list: %s %s", p->up->conf->name,
-                upstream_result_name(res), detail);
+        log_msg(LOG_WARN, "up=%s: model list: %s %s", p->up->conf->name, upstream_result_name(res),
+                detail);
         p->status = 0;
     }
     if (--mf->pending == 0) {
@@ -182,7 +183,7 @@ part_done(void *arg, enum up_result res, const char *detail)
     }
 }
 
-static const struct up_callbacks part_cb = { part_head, part_data, part_done };
+static const struct up_callbacks part_cb = {part_head, part_data, part_done};
 
 static void
 models_client_close(void *arg)
@@ -196,7 +197,7 @@ models_client_close(void *arg)
 void
 models_handle(struct gateway *gw, struct http_req *req)
 {
-    static const struct http_header ct[] = { { "Content-Type", "application/json" } };
+    static const struct http_header ct[] = {{"Content-Type", "application/json"}};
 
     if (models_cache && http_now_us() < models_cache_until_us) {
         http_reply(req, 200, ct, 1, models_cache, strlen(models_cache));
@@ -213,7 +214,7 @@ models_handle(struct gateway *gw, struct http_req *req)
     for (size_t i = 0; i < gw->nups; i++) {
         struct gw_upstream *u = gw->ups[i];
         if (u->conf->nmodels > 0 || !circuit_usable(&u->circuit, http_now_us())) {
-            continue;               /* aliases only, or known to be down */
+            continue; /* aliases only, or known to be down */
         }
         struct models_part *p = &mf->parts[mf->nparts];
         p->mf = mf;

@@ -51,19 +51,31 @@
 #include "store.h"
 #include "upstream.h"
 
-#define STREAM_HIGH_WATER (256 * 1024)  /* pause the upstream above this */
+#define STREAM_HIGH_WATER (256 * 1024) /* pause the upstream above this */
 #define MAX_FWD_HEADERS   128
-#define CAPTURE_MAX       (2 * 1024 * 1024)    /* largest response shared or cached */
+#define CAPTURE_MAX       (2 * 1024 * 1024) /* largest response shared or cached */
 #define FOLLOW_CHUNK      (64 * 1024)
 #define FLIGHT_BUCKETS    4096
-#define USAGE_TAIL        8192      /* the end of an answer, where "usage" is */
+#define USAGE_TAIL        8192 /* the end of an answer, where "usage" is */
 
 enum req_timer {
-    TIMER_NONE, TIMER_QUEUE, TIMER_BACKOFF, TIMER_FIRST_DATA, TIMER_IDLE, TIMER_DISPATCH
+    TIMER_NONE,
+    TIMER_QUEUE,
+    TIMER_BACKOFF,
+    TIMER_FIRST_DATA,
+    TIMER_IDLE,
+    TIMER_DISPATCH
 };
 
 enum req_phase {
-    PH_NEW, PH_LOOKUP, PH_FLEET, PH_FOLLOWING, PH_QUEUED, PH_BACKOFF, PH_UPSTREAM, PH_DONE
+    PH_NEW,
+    PH_LOOKUP,
+    PH_FLEET,
+    PH_FOLLOWING,
+    PH_QUEUED,
+    PH_BACKOFF,
+    PH_UPSTREAM,
+    PH_DONE
 };
 
 enum flight_state { FL_RUNNING, FL_OK, FL_FAILED };
@@ -106,22 +118,22 @@ struct flight {
 };
 
 struct request {
-    struct sched_item item;     /* first: the queue links requests through it */
+    struct sched_item item; /* first: the queue links requests through it */
     struct gateway *gw;
-    struct request *lprev, *lnext;  /* the gateway's live requests */
+    struct request *lprev, *lnext; /* the gateway's live requests */
     struct http_req *hreq;
     uint64_t id;
     char method[16];
-    char *path;                 /* copy, for the access log */
-    char *target;               /* path and query */
-    char *url;                  /* upstream base + target */
+    char *path;   /* copy, for the access log */
+    char *target; /* path and query */
+    char *url;    /* upstream base + target */
     enum prio prio;
     char *body;
     size_t body_len;
     struct gw_upstream *up;
     struct up_xfer *xfer;
     const char *fwd[MAX_FWD_HEADERS + 8];
-    struct evbuffer *hstore;    /* storage for the forwarded header lines */
+    struct evbuffer *hstore; /* storage for the forwarded header lines */
     struct event *timer;
     enum req_timer timer_kind;
     struct sse_scan scan;
@@ -131,63 +143,63 @@ struct request {
     bool paused;
     bool finished;
     bool slot_held;
-    bool discarding;            /* this attempt's answer will be retried */
-    bool data_sent;             /* a data byte reached the client */
-    int late_status;            /* non-200 head after the reply started */
+    bool discarding; /* this attempt's answer will be retried */
+    bool data_sent;  /* a data byte reached the client */
+    int late_status; /* non-200 head after the reply started */
     /*
      * A non-stream answer's head waits for its first data byte, so that
      * leading keep-alive white space can be dropped and a failure before
      * data is still a clean JSON error (and a transparent retry).
      */
-    struct evbuffer *dhead;     /* "name\0value\0" pairs */
+    struct evbuffer *dhead; /* "name\0value\0" pairs */
     size_t dhead_n;
     int64_t dhead_clen;
     bool head_deferred;
     size_t ws_dropped;
     int attempts;
-    int64_t next_delay_ms;      /* backoff chosen for the coming retry */
-    int backoffs;               /* backoff sleeps so far */
-    bool moving;                /* the coming retry goes to another upstream at once */
+    int64_t next_delay_ms; /* backoff chosen for the coming retry */
+    int backoffs;          /* backoff sleeps so far */
+    bool moving;           /* the coming retry goes to another upstream at once */
     int64_t prev_delay_ms;
     const char *retry_reason;
-    char retry_status[8];       /* the status a retry is for, as its reason */
-    int64_t queue_us;           /* time spent queued, all attempts */
+    char retry_status[8]; /* the status a retry is for, as its reason */
+    int64_t queue_us;     /* time spent queued, all attempts */
     int64_t t_start_us;
     int64_t t_up_start_us;
     int64_t t_first_data_us;
     uint64_t bytes_out;
-    const char *end;            /* how it ended, for the access log */
+    const char *end; /* how it ended, for the access log */
 
     /* routing */
-    char *model;                /* the client's "model", or NULL */
-    json_t *doc;                /* parsed body, kept when a model may be renamed */
-    uint64_t tried;             /* upstreams tried since the last backoff (bits) */
-    char *send_body;            /* body with the model renamed for this upstream */
+    char *model;     /* the client's "model", or NULL */
+    json_t *doc;     /* parsed body, kept when a model may be renamed */
+    uint64_t tried;  /* upstreams tried since the last backoff (bits) */
+    char *send_body; /* body with the model renamed for this upstream */
     size_t send_len;
-    struct model_rewrite mrw;   /* answers: upstream model name -> client's */
+    struct model_rewrite mrw; /* answers: upstream model name -> client's */
     bool rewriting;
-    bool auth_failed;           /* this attempt got 401/402/403 */
-    struct evbuffer *errbody;   /* its body, kept for replay while the circuit is open */
+    bool auth_failed;         /* this attempt got 401/402/403 */
+    struct evbuffer *errbody; /* its body, kept for replay while the circuit is open */
 
     /* token accounting from the answer's "usage" */
-    char *tail;                 /* the last USAGE_TAIL bytes of the answer */
+    char *tail; /* the last USAGE_TAIL bytes of the answer */
     size_t tail_len;
-    int64_t tokens[4];          /* prompt, completion, cache hit, cache miss; -1: unknown */
+    int64_t tokens[4]; /* prompt, completion, cache hit, cache miss; -1: unknown */
 
     /* cache and coalescing */
-    bool cacheable;             /* on a cache path with the cache enabled */
-    bool lookup;                /* may be answered from the cache */
-    bool store_ok;              /* its answer may be stored */
-    bool may_join;              /* may follow an identical request in flight */
-    const char *cache_status;   /* "hit" "miss" "bypass" "none" */
+    bool cacheable;           /* on a cache path with the cache enabled */
+    bool lookup;              /* may be answered from the cache */
+    bool store_ok;            /* its answer may be stored */
+    bool may_join;            /* may follow an identical request in flight */
+    const char *cache_status; /* "hit" "miss" "bypass" "none" */
     uint8_t key[CACHE_KEY_LEN];
     struct store_get *sget;
-    struct fleet_wait *fwait;   /* asking or waiting for another instance */
-    bool fleet_leader;          /* claimed the key fleet-wide */
-    bool fleet_checked;         /* the fleet was asked about this key */
-    char *lease;                /* fleet lease held by the current attempt */
+    struct fleet_wait *fwait; /* asking or waiting for another instance */
+    bool fleet_leader;        /* claimed the key fleet-wide */
+    bool fleet_checked;       /* the fleet was asked about this key */
+    char *lease;              /* fleet lease held by the current attempt */
     struct flight *flight;
-    bool headless;              /* leader whose client left; goes on for followers */
+    bool headless; /* leader whose client left; goes on for followers */
     struct request *fnext, *fprev;
     size_t follow_off;
     bool follow_started;
@@ -205,8 +217,8 @@ static bool
 is_hop_by_hop(const char *name)
 {
     static const char *const hop[] = {
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-        "Proxy-Connection", "TE", "Trailer", "Trailers", "Transfer-Encoding", "Upgrade",
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
+        "TE",         "Trailer",    "Trailers",           "Transfer-Encoding",   "Upgrade",
     };
     for (size_t i = 0; i < sizeof(hop) / sizeof(hop[0]); i++) {
         if (strcasecmp(name, hop[i]) == 0) {
@@ -274,7 +286,7 @@ build_forward_headers(struct request *r)
             continue;
         }
         if (r->cacheable && strcasecmp(name, "Accept-Encoding") == 0) {
-            continue;               /* shared and cached answers stay uncompressed */
+            continue; /* shared and cached answers stay uncompressed */
         }
         if (strcasecmp(name, "Content-Type") == 0) {
             have_ct = true;
@@ -285,12 +297,12 @@ build_forward_headers(struct request *r)
         if (hr->headers[i].value[0]) {
             evbuffer_add_printf(r->hstore, "%s: %s", name, hr->headers[i].value);
         } else {
-            evbuffer_add_printf(r->hstore, "%s;", name);  /* curl's way to send it empty */
+            evbuffer_add_printf(r->hstore, "%s;", name); /* curl's way to send it empty */
         }
         evbuffer_add(r->hstore, "", 1);
     }
     /* suppress what libcurl would add on its own */
-    static const char *const quiet[] = { "Expect:", "Content-Type:", "Accept:" };
+    static const char *const quiet[] = {"Expect:", "Content-Type:", "Accept:"};
     for (size_t i = 0; i < 3; i++) {
         if ((i == 1 && have_ct) || (i == 2 && have_accept)) {
             continue;
@@ -326,7 +338,7 @@ timer_arm(struct request *r, enum req_timer kind, int64_t ms)
         }
         return;
     }
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
     evtimer_add(r->timer, &tv);
 }
 
@@ -400,7 +412,7 @@ circuit_result(struct request *r, enum route_outcome o, const char *reason)
             log_msg(LOG_WARN, "up=%s: circuit open for %lld ms after %d failures (last: %s)",
                     u->conf->name, (long long)ms, c->failures, reason);
         }
-        struct timeval tv = { ms / 1000, (ms % 1000) * 1000 + 1000 };
+        struct timeval tv = {ms / 1000, (ms % 1000) * 1000 + 1000};
         evtimer_add(u->wake, &tv);
     } else if (c->state == CIRCUIT_CLOSED) {
         log_msg(LOG_INFO, "up=%s: circuit closed", u->conf->name);
@@ -439,10 +451,10 @@ reply_auth_blocked(struct request *r, struct gw_upstream *u)
     char st[8];
 
     snprintf(st, sizeof(st), "%d", u->auth_status);
-    h[0] = (struct http_header){ "Content-Type", "application/json" };
-    h[1] = (struct http_header){ "X-Dsgate-Attempts", "0" };
-    h[2] = (struct http_header){ "X-Dsgate-Queue-Ms", "0" };
-    h[3] = (struct http_header){ "X-Dsgate-Upstream", u->conf->name };
+    h[0] = (struct http_header){"Content-Type", "application/json"};
+    h[1] = (struct http_header){"X-Dsgate-Attempts", "0"};
+    h[2] = (struct http_header){"X-Dsgate-Queue-Ms", "0"};
+    h[3] = (struct http_header){"X-Dsgate-Upstream", u->conf->name};
     r->status = u->auth_status;
     r->end = "circuit_open";
     http_reply(r->hreq, u->auth_status, h, 4, u->auth_body, u->auth_body_len);
@@ -457,7 +469,8 @@ alternative_exists(struct request *r)
 
     for (size_t i = 0; i < r->gw->nups; i++) {
         struct gw_upstream *u = r->gw->ups[i];
-        if (!(r->tried & ((uint64_t)1 << i)) && eligible(r, u) && circuit_usable(&u->circuit, now)) {
+        if (!(r->tried & ((uint64_t)1 << i)) && eligible(r, u) &&
+            circuit_usable(&u->circuit, now)) {
             return true;
         }
     }
@@ -510,7 +523,7 @@ pick_upstream(struct gateway *gw, struct request *r)
 void
 request_update_gauges(struct gateway *gw)
 {
-    static const char *const pn[] = { "high", "medium", "low" };
+    static const char *const pn[] = {"high", "medium", "low"};
 
     for (int p = 0; p < PRIO_COUNT; p++) {
         metrics_setf("dsgate_queue_depth", (double)gw->queue.depth[p], "priority=\"%s\"", pn[p]);
@@ -518,8 +531,8 @@ request_update_gauges(struct gateway *gw)
     for (size_t i = 0; i < gw->nups; i++) {
         const struct gw_upstream *u = gw->ups[i];
         metrics_setf("dsgate_inflight", u->limit.inflight, "upstream=\"%s\"", u->conf->name);
-        metrics_setf("dsgate_concurrency_limit", sched_limit_current(&u->limit),
-                     "upstream=\"%s\"", u->conf->name);
+        metrics_setf("dsgate_concurrency_limit", sched_limit_current(&u->limit), "upstream=\"%s\"",
+                     u->conf->name);
         metrics_setf("dsgate_circuit_open", u->circuit.state == CIRCUIT_OPEN ? 1 : 0,
                      "upstream=\"%s\"", u->conf->name);
     }
@@ -542,8 +555,7 @@ send_sse_error(struct request *r, const char *code, const char *message)
 }
 
 static void
-reply_error(struct request *r, int status, const char *type, const char *code,
-            const char *message)
+reply_error(struct request *r, int status, const char *type, const char *code, const char *message)
 {
     char attempts[16], queue_ms[24];
     struct http_header h[3];
@@ -551,10 +563,10 @@ reply_error(struct request *r, int status, const char *type, const char *code,
 
     snprintf(attempts, sizeof(attempts), "%d", r->attempts);
     snprintf(queue_ms, sizeof(queue_ms), "%lld", (long long)(r->queue_us / 1000));
-    h[nh++] = (struct http_header){ "X-Dsgate-Attempts", attempts };
-    h[nh++] = (struct http_header){ "X-Dsgate-Queue-Ms", queue_ms };
+    h[nh++] = (struct http_header){"X-Dsgate-Attempts", attempts};
+    h[nh++] = (struct http_header){"X-Dsgate-Queue-Ms", queue_ms};
     if (r->attempts > 0) {
-        h[nh++] = (struct http_header){ "X-Dsgate-Upstream", r->up->conf->name };
+        h[nh++] = (struct http_header){"X-Dsgate-Upstream", r->up->conf->name};
     }
     r->status = status;
     http_reply_error_h(r->hreq, status, type, code, message, h, nh);
@@ -577,7 +589,7 @@ fail(struct request *r, int status, const char *code, const char *message, const
         http_reply_end(r->hreq, false);
         r->hreq = NULL;
     } else {
-        http_reply_end(r->hreq, true);  /* an incomplete body must not look complete */
+        http_reply_end(r->hreq, true); /* an incomplete body must not look complete */
         r->hreq = NULL;
     }
 }
@@ -652,7 +664,7 @@ flight_lead(struct request *r)
     struct flight *f = calloc(1, sizeof(*f));
 
     if (!f) {
-        return;                     /* not shared; still served */
+        return; /* not shared; still served */
     }
     memcpy(f->key, r->key, CACHE_KEY_LEN);
     f->refs = 1;
@@ -711,11 +723,11 @@ flight_dissolve(struct flight *f, struct gateway *gw)
     if (f->state == FL_RUNNING) {
         f->state = FL_FAILED;
     }
-    f->refs++;                      /* hold it while followers leave */
+    f->refs++; /* hold it while followers leave */
     for (struct request *fr = f->followers, *next; fr; fr = next) {
         next = fr->fnext;
         if (fr->follow_started) {
-            follower_feed(fr);      /* the rest, then the end; may finish it */
+            follower_feed(fr); /* the rest, then the end; may finish it */
         } else {
             follower_unlink(fr);
             fr->may_join = true;
@@ -726,9 +738,9 @@ flight_dissolve(struct flight *f, struct gateway *gw)
     if (f->leader && f->leader->flight == f) {
         f->leader->flight = NULL;
         f->leader = NULL;
-        f->refs--;                  /* the leader's; the hold above keeps F */
+        f->refs--; /* the leader's; the hold above keeps F */
     }
-    flight_unref(f);                /* the hold */
+    flight_unref(f); /* the hold */
 }
 
 static void
@@ -766,12 +778,12 @@ follower_start(struct request *r, int64_t clen)
     struct http_header h[6];
     size_t nh = 0;
 
-    h[nh++] = (struct http_header){ "Content-Type", f->ctype };
-    h[nh++] = (struct http_header){ "X-Cache", "MISS" };
-    h[nh++] = (struct http_header){ "X-Dsgate-Coalesced", "1" };
-    h[nh++] = (struct http_header){ "X-Dsgate-Attempts", "0" };
-    h[nh++] = (struct http_header){ "X-Dsgate-Queue-Ms", "0" };
-    h[nh++] = (struct http_header){ "X-Dsgate-Upstream", f->upstream };
+    h[nh++] = (struct http_header){"Content-Type", f->ctype};
+    h[nh++] = (struct http_header){"X-Cache", "MISS"};
+    h[nh++] = (struct http_header){"X-Dsgate-Coalesced", "1"};
+    h[nh++] = (struct http_header){"X-Dsgate-Attempts", "0"};
+    h[nh++] = (struct http_header){"X-Dsgate-Queue-Ms", "0"};
+    h[nh++] = (struct http_header){"X-Dsgate-Upstream", f->upstream};
     r->status = f->status;
     r->sse = f->sse;
     sse_scan_init(&r->scan, f->sse);
@@ -803,7 +815,7 @@ follower_feed(struct request *r)
             }
             follower_start(r, (int64_t)(f->len - r->follow_off));
         } else {
-            return;                 /* wait for the whole answer */
+            return; /* wait for the whole answer */
         }
     }
     while (r->follow_off < f->len && http_reply_pending(r->hreq) < STREAM_HIGH_WATER) {
@@ -877,8 +889,7 @@ flight_finish(struct request *r, bool ok)
     size_t start;
     if (r->store_ok && cache_storable(f->sse, f->buf, f->len, &start)) {
         struct cache_entry *e = cache_entry_new(r->key, f->sse, f->ctype, f->buf + start,
-                                                f->len - start,
-                                                cache_now_ms() + c->cache.ttl_ms);
+                                                f->len - start, cache_now_ms() + c->cache.ttl_ms);
         if (e) {
             if (c->cache.max_entries > 0) {
                 cache_mem_put(gw->mem, e);
@@ -904,8 +915,8 @@ flight_finish(struct request *r, bool ok)
     flight_feed_all(f);
     f->leader = NULL;
     r->flight = NULL;
-    f->refs--;                      /* the leader's; the hold above keeps F */
-    flight_unref(f);                /* the hold */
+    f->refs--;       /* the leader's; the hold above keeps F */
+    flight_unref(f); /* the hold */
 }
 
 /* ---- cache hits ---------------------------------------------------------- */
@@ -923,10 +934,10 @@ reply_entry(struct request *r, struct cache_entry *e, const char *tier)
     struct http_header h[5];
     size_t nh = 0;
 
-    h[nh++] = (struct http_header){ "Content-Type", e->ctype };
-    h[nh++] = (struct http_header){ "X-Cache", "HIT" };
-    h[nh++] = (struct http_header){ "X-Dsgate-Attempts", "0" };
-    h[nh++] = (struct http_header){ "X-Dsgate-Queue-Ms", "0" };
+    h[nh++] = (struct http_header){"Content-Type", e->ctype};
+    h[nh++] = (struct http_header){"X-Cache", "HIT"};
+    h[nh++] = (struct http_header){"X-Dsgate-Attempts", "0"};
+    h[nh++] = (struct http_header){"X-Dsgate-Queue-Ms", "0"};
     r->status = 200;
     r->cache_status = "hit";
     r->end = "cache_hit";
@@ -946,7 +957,7 @@ on_store_reply(void *arg, struct cache_entry *e)
     r->sget = NULL;
     if (e) {
         if (r->gw->conf->cache.max_entries > 0) {
-            cache_mem_put(r->gw->mem, e);   /* promote */
+            cache_mem_put(r->gw->mem, e); /* promote */
         }
         reply_entry(r, e, "redis");
         request_finish(r);
@@ -955,7 +966,6 @@ on_store_reply(void *arg, struct cache_entry *e)
     metrics_add("dsgate_cache_misses_total", NULL, 1);
     dispatch(r);
 }
-
 
 /* Do requests for the same upstreams (SIG) wait already? */
 static bool
@@ -966,7 +976,7 @@ queued_for(const struct gateway *gw, uint64_t sig)
             return true;
         }
     }
-    return gw->queue.g[SCHED_GROUPS - 1].used;     /* the shared overflow queue */
+    return gw->queue.g[SCHED_GROUPS - 1].used; /* the shared overflow queue */
 }
 
 /* Wait for a slot: at once if one is free and nobody waits, else queue. */
@@ -1080,8 +1090,8 @@ can_retry(struct request *r, int64_t retry_after_ms)
     bool move = alternative_exists(r);
     int64_t delay = 0;
     if (!move) {
-        delay = retry_backoff_ms(c->retry.jitter, c->retry.base_ms, c->retry.cap_ms,
-                                 r->backoffs, r->prev_delay_ms, retry_random);
+        delay = retry_backoff_ms(c->retry.jitter, c->retry.base_ms, c->retry.cap_ms, r->backoffs,
+                                 r->prev_delay_ms, retry_random);
         if (retry_after_ms > delay) {
             delay = retry_after_ms < c->retry.cap_ms ? retry_after_ms : c->retry.cap_ms;
         }
@@ -1157,8 +1167,7 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
         return;
     case TIMER_QUEUE:
         dequeued(r, http_now_us());
-        fail(r, 504, "queue_timeout", "request waited longer than queue.max_wait",
-             "queue_timeout");
+        fail(r, 504, "queue_timeout", "request waited longer than queue.max_wait", "queue_timeout");
         request_finish(r);
         return;
     case TIMER_BACKOFF:
@@ -1299,14 +1308,13 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
     if (retry_on_status(r->gw->conf, status)) {
         int64_t ra = retry_after_ms(retry_after, time(NULL));
         if (can_retry(r, ra)) {
-            r->discarding = true;   /* read and drop the body; keeps the connection */
+            r->discarding = true; /* read and drop the body; keeps the connection */
             snprintf(r->retry_status, sizeof(r->retry_status), "%d", status);
             r->retry_reason = r->retry_status;
             return UP_CONTINUE;
         }
     }
-    bool started = r->hreq ? http_reply_started(r->hreq)
-                           : (r->flight && r->flight->head_known);
+    bool started = r->hreq ? http_reply_started(r->hreq) : (r->flight && r->flight->head_known);
     if (started) {
         /* an earlier attempt already started the answer with keep-alives */
         if (status != 200) {
@@ -1340,18 +1348,18 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         out[no++] = hdrs[i];
     }
     if (r->rewriting) {
-        clen = -1;                  /* the model name changes the length */
+        clen = -1; /* the model name changes the length */
     }
     snprintf(attempts, sizeof(attempts), "%d", r->attempts);
     snprintf(queue_ms, sizeof(queue_ms), "%lld", (long long)(r->queue_us / 1000));
-    out[no++] = (struct http_header){ "X-Dsgate-Attempts", attempts };
-    out[no++] = (struct http_header){ "X-Dsgate-Queue-Ms", queue_ms };
-    out[no++] = (struct http_header){ "X-Dsgate-Upstream", r->up->conf->name };
+    out[no++] = (struct http_header){"X-Dsgate-Attempts", attempts};
+    out[no++] = (struct http_header){"X-Dsgate-Queue-Ms", queue_ms};
+    out[no++] = (struct http_header){"X-Dsgate-Upstream", r->up->conf->name};
     if (r->cacheable) {
-        out[no++] = (struct http_header){ "X-Cache", r->store_ok ? "MISS" : "BYPASS" };
+        out[no++] = (struct http_header){"X-Cache", r->store_ok ? "MISS" : "BYPASS"};
     }
     if (r->sse) {
-        http_reply_start(r->hreq, status, out, no, -1);  /* events go as they come */
+        http_reply_start(r->hreq, status, out, no, -1); /* events go as they come */
     } else {
         head_defer(r, out, no, clen);
     }
@@ -1410,8 +1418,8 @@ tail_keep(struct request *r, const char *data, size_t len)
     r->tail_len += len;
 }
 
-static const char *const token_kinds[4] = { "prompt", "completion", "prompt_cache_hit",
-                                            "prompt_cache_miss" };
+static const char *const token_kinds[4] = {"prompt", "completion", "prompt_cache_hit",
+                                           "prompt_cache_miss"};
 
 /*
  * Find the last "usage" object in the answer's tail (the body of a
@@ -1420,8 +1428,8 @@ static const char *const token_kinds[4] = { "prompt", "completion", "prompt_cach
 static void
 usage_account(struct request *r)
 {
-    static const char *const fields[4] = { "prompt_tokens", "completion_tokens",
-                                           "prompt_cache_hit_tokens", "prompt_cache_miss_tokens" };
+    static const char *const fields[4] = {"prompt_tokens", "completion_tokens",
+                                          "prompt_cache_hit_tokens", "prompt_cache_miss_tokens"};
     const char *t = r->tail, *found = NULL;
 
     if (!t || r->tail_len < 8) {
@@ -1468,8 +1476,8 @@ usage_account(struct request *r)
         json_t *v = json_object_get(u, fields[i]);
         if (json_is_integer(v) && json_integer_value(v) >= 0) {
             r->tokens[i] = json_integer_value(v);
-            metrics_addf("dsgate_tokens_total", (double)r->tokens[i],
-                         "upstream=\"%s\",kind=\"%s\"", r->up->conf->name, token_kinds[i]);
+            metrics_addf("dsgate_tokens_total", (double)r->tokens[i], "upstream=\"%s\",kind=\"%s\"",
+                         r->up->conf->name, token_kinds[i]);
         }
     }
     json_decref(u);
@@ -1483,13 +1491,13 @@ forward(struct request *r, const char *data, size_t len)
     if (r->flight) {
         flight_append(r->flight, r->gw, data, len);
         if (r->headless && !r->flight) {
-            return UP_ABORT;        /* too large to share; nobody else wants it */
+            return UP_ABORT; /* too large to share; nobody else wants it */
         }
     }
     if (r->hreq && r->head_deferred) {
         size_t ws = 0;
-        while (ws < len && (data[ws] == ' ' || data[ws] == '\t' || data[ws] == '\r' ||
-                            data[ws] == '\n')) {
+        while (ws < len &&
+               (data[ws] == ' ' || data[ws] == '\t' || data[ws] == '\r' || data[ws] == '\n')) {
             ws++;
         }
         r->ws_dropped += ws;
@@ -1572,7 +1580,7 @@ on_done(void *arg, enum up_result res, const char *detail)
             usage_account(r);
         }
         if (r->hreq && r->head_deferred) {
-            head_send(r);           /* an empty (or all white space) body */
+            head_send(r); /* an empty (or all white space) body */
         }
         if (r->hreq) {
             if (!http_reply_started(r->hreq)) {
@@ -1600,8 +1608,8 @@ on_done(void *arg, enum up_result res, const char *detail)
         count_attempt(r, "timeout");
         circuit_result(r, ROUTE_FAILURE, "timeout");
         limit_feedback(r, true);
-        log_msg(LOG_WARN, "req=%llu up=%s: upstream timed out: %s", (unsigned long long)r->id,
-                name, detail);
+        log_msg(LOG_WARN, "req=%llu up=%s: upstream timed out: %s", (unsigned long long)r->id, name,
+                detail);
         if (before_data && c->retry.on_timeout && can_retry(r, 0)) {
             schedule_retry(r, "timeout");
             request_pump(r->gw);
@@ -1642,7 +1650,7 @@ on_done(void *arg, enum up_result res, const char *detail)
     request_pump(gw);
 }
 
-static const struct up_callbacks up_cb = { on_head, on_data, on_done };
+static const struct up_callbacks up_cb = {on_head, on_data, on_done};
 
 /* ---- client callbacks --------------------------------------------------- */
 
@@ -1694,7 +1702,7 @@ on_client_close(void *arg)
         struct flight *f = r->flight;
         follower_unlink(r);
         if (f->leader && f->leader->headless && !f->followers) {
-            orphan = f->leader;     /* nobody is left to answer */
+            orphan = f->leader; /* nobody is left to answer */
         }
     }
     request_finish(r);
@@ -1719,7 +1727,7 @@ on_client_drain(void *arg)
     }
     if (r->paused && r->xfer) {
         r->paused = false;
-        upstream_pause(r->xfer, false);    /* may deliver data right here */
+        upstream_pause(r->xfer, false); /* may deliver data right here */
     }
 }
 
@@ -1738,22 +1746,20 @@ access_log(struct request *r)
     log_json_escape(b, r->method);
     evbuffer_add_printf(b, "\",\"path\":\"");
     log_json_escape(b, r->path);
-    evbuffer_add_printf(b,
-                        "\",\"status\":%d,\"priority\":\"%s\",\"cache\":\"%s\","
-                        "\"upstream\":\"%s\",\"attempts\":%d,\"queue_ms\":%lld,"
-                        "\"upstream_ms\":%lld,\"first_data_ms\":%lld,\"total_ms\":%lld,"
-                        "\"bytes_in\":%zu,\"bytes_out\":%llu,\"tokens_prompt\":%lld,"
-                        "\"tokens_completion\":%lld,\"tokens_cache_hit\":%lld,\"end\":\"%s\"}",
-                        r->status, conf_priority_name(r->prio), r->cache_status,
-                        r->attempts ? r->up->conf->name : "", r->attempts,
-                        (long long)(r->queue_us / 1000),
-                        (long long)(r->t_up_start_us ? (now - r->t_up_start_us) / 1000 : 0),
-                        (long long)(r->t_first_data_us ? (r->t_first_data_us - r->t_start_us) / 1000
-                                                       : -1),
-                        (long long)((now - r->t_start_us) / 1000), r->body_len,
-                        (unsigned long long)r->bytes_out, (long long)r->tokens[0],
-                        (long long)r->tokens[1], (long long)r->tokens[2],
-                        r->end ? r->end : "completed");
+    evbuffer_add_printf(
+        b,
+        "\",\"status\":%d,\"priority\":\"%s\",\"cache\":\"%s\","
+        "\"upstream\":\"%s\",\"attempts\":%d,\"queue_ms\":%lld,"
+        "\"upstream_ms\":%lld,\"first_data_ms\":%lld,\"total_ms\":%lld,"
+        "\"bytes_in\":%zu,\"bytes_out\":%llu,\"tokens_prompt\":%lld,"
+        "\"tokens_completion\":%lld,\"tokens_cache_hit\":%lld,\"end\":\"%s\"}",
+        r->status, conf_priority_name(r->prio), r->cache_status,
+        r->attempts ? r->up->conf->name : "", r->attempts, (long long)(r->queue_us / 1000),
+        (long long)(r->t_up_start_us ? (now - r->t_up_start_us) / 1000 : 0),
+        (long long)(r->t_first_data_us ? (r->t_first_data_us - r->t_start_us) / 1000 : -1),
+        (long long)((now - r->t_start_us) / 1000), r->body_len, (unsigned long long)r->bytes_out,
+        (long long)r->tokens[0], (long long)r->tokens[1], (long long)r->tokens[2],
+        r->end ? r->end : "completed");
     size_t len = evbuffer_get_length(b);
     log_access((const char *)evbuffer_pullup(b, -1), len);
     evbuffer_free(b);
@@ -2048,12 +2054,12 @@ flight_from_entry(struct request *r, struct cache_entry *e)
             snprintf(f->upstream, sizeof(f->upstream), "%s", "cache");
             flight_untable(r->gw, f);
             f->state = FL_OK;
-            f->refs++;              /* hold it while followers finish */
+            f->refs++; /* hold it while followers finish */
             flight_feed_all(f);
             f->leader = NULL;
             r->flight = NULL;
-            f->refs--;              /* the leader's; the hold keeps F */
-            flight_unref(f);        /* the hold */
+            f->refs--;       /* the leader's; the hold keeps F */
+            flight_unref(f); /* the hold */
         }
     }
     reply_entry(r, e, "redis");
@@ -2074,7 +2080,7 @@ on_fleet_lookup(void *arg, struct cache_entry *e)
         return;
     }
     if (!r->fwait) {
-        admit(r);                   /* the wait is over and the answer is not there */
+        admit(r); /* the wait is over and the answer is not there */
     }
 }
 
@@ -2085,7 +2091,7 @@ on_fleet_done(void *arg, bool done)
 
     r->fwait = NULL;
     if (r->sget) {
-        return;                     /* a lookup is running; it decides */
+        return; /* a lookup is running; it decides */
     }
     if (done) {
         r->sget = store_get(r->gw->store, r->key, on_fleet_lookup, r);
@@ -2257,14 +2263,15 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
         r->may_join = r->lookup;
         r->cache_status = no_store ? "bypass" : "miss";
         const char *cred = c->cache.shared ? NULL : http_req_header(hreq, "Authorization");
-        if (r->store_ok && cache_key(gw->cache_group, r->method, r->target, doc, cred, r->key) < 0) {
+        if (r->store_ok &&
+            cache_key(gw->cache_group, r->method, r->target, doc, cred, r->key) < 0) {
             r->store_ok = r->lookup = r->may_join = false;
         }
     }
     r->body = http_req_take_body(hreq, &r->body_len);
     r->tokens[0] = r->tokens[1] = r->tokens[2] = r->tokens[3] = -1;
     if (doc && cache_path) {
-        r->tail = malloc(USAGE_TAIL);   /* no tokens counted if this fails */
+        r->tail = malloc(USAGE_TAIL); /* no tokens counted if this fails */
     }
     const json_t *model = doc ? json_object_get(doc, "model") : NULL;
     if (json_is_string(model)) {

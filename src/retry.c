@@ -80,9 +80,9 @@ retry_after_ms(const char *value, time_t now)
         return strtoll(value, NULL, 10) * 1000;
     }
     static const char *const fmts[] = {
-        "%a, %d %b %Y %H:%M:%S GMT",    /* IMF-fixdate */
-        "%A, %d-%b-%y %H:%M:%S GMT",    /* RFC 850 */
-        "%a %b %e %H:%M:%S %Y",         /* asctime */
+        "%a, %d %b %Y %H:%M:%S GMT", /* IMF-fixdate */
+        "%A, %d-%b-%y %H:%M:%S GMT", /* RFC 850 */
+        "%a %b %e %H:%M:%S %Y",      /* asctime */
     };
     for (size_t i = 0; i < sizeof(fmts) / sizeof(fmts[0]); i++) {
         struct tm tm;

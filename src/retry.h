@@ -16,8 +16,8 @@
 
 #include "conf.h"
 
-#define RETRY_WINDOW_S     10
-#define RETRY_FLOOR_PER_S  10
+#define RETRY_WINDOW_S    10
+#define RETRY_FLOOR_PER_S 10
 
 /*
  * Sleep before retry number N (0 for the first retry).  PREV_MS is the
@@ -38,7 +38,7 @@ int64_t retry_after_ms(const char *value, time_t now);
 bool retry_on_status(const struct conf *c, int status);
 
 struct retry_budget {
-    int64_t bucket_s[RETRY_WINDOW_S];       /* the second each bucket counts */
+    int64_t bucket_s[RETRY_WINDOW_S]; /* the second each bucket counts */
     uint32_t firsts[RETRY_WINDOW_S];
     uint32_t retries[RETRY_WINDOW_S];
 };

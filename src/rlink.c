@@ -34,12 +34,12 @@ struct rlink {
     int port;
     char unix_path[256];
     char user[128];
-    char password[256];         /* secret: never logged */
+    char password[256]; /* secret: never logged */
     int db;
     bool freeing;
     rlink_state_fn on_state;
     void *state_arg;
-    char *channel;              /* pub/sub link: the channel */
+    char *channel; /* pub/sub link: the channel */
     rlink_message_fn on_message;
     void *msg_arg;
 };
@@ -70,7 +70,7 @@ set_down(struct rlink *l)
         return;
     }
     if (!evtimer_pending(l->reconnect, NULL)) {
-        struct timeval tv = { l->backoff_ms / 1000, (l->backoff_ms % 1000) * 1000 };
+        struct timeval tv = {l->backoff_ms / 1000, (l->backoff_ms % 1000) * 1000};
         evtimer_add(l->reconnect, &tv);
         l->backoff_ms = l->backoff_ms * 2 > RECONNECT_MAX_MS ? RECONNECT_MAX_MS : l->backoff_ms * 2;
     }
@@ -103,7 +103,7 @@ on_connect(const redisAsyncContext *ac, int status)
 
     if (status != REDIS_OK) {
         log_msg(LOG_WARN, "redis (%s): connect failed: %s", l->name, ac->errstr);
-        l->ac = NULL;               /* hiredis frees the context */
+        l->ac = NULL; /* hiredis frees the context */
         rlink_count_error(l, "connect");
         set_down(l);
         return;
@@ -148,7 +148,8 @@ link_connect(struct rlink *l)
     redisAsyncContext *ac;
 
     l->state = L_CONNECTING;
-    ac = l->unix_path[0] ? redisAsyncConnectUnix(l->unix_path) : redisAsyncConnect(l->host, l->port);
+    ac =
+        l->unix_path[0] ? redisAsyncConnectUnix(l->unix_path) : redisAsyncConnect(l->host, l->port);
     if (!ac || ac->err) {
         log_msg(LOG_WARN, "redis (%s): cannot connect: %s", l->name,
                 ac ? ac->errstr : "out of memory");
@@ -191,8 +192,9 @@ parse_url(struct rlink *l, const char *url)
         return l->unix_path[0] ? 0 : -1;
     }
     if (strncmp(url, "rediss://", 9) == 0) {
-        log_msg(LOG_ERROR, "redis (%s): rediss:// (TLS) needs a hiredis built with TLS; this "
-                           "build has none",
+        log_msg(LOG_ERROR,
+                "redis (%s): rediss:// (TLS) needs a hiredis built with TLS; this "
+                "build has none",
                 l->name);
         return -1;
     }
@@ -287,7 +289,7 @@ rlink_reset(struct rlink *l)
         rlink_count_error(l, "stuck");
         redisAsyncContext *ac = l->ac;
         l->ac = NULL;
-        redisAsyncFree(ac);         /* pending callbacks run with NULL, then on_disconnect */
+        redisAsyncFree(ac); /* pending callbacks run with NULL, then on_disconnect */
         set_down(l);
     }
 }

@@ -21,9 +21,12 @@ const char *
 circuit_state_name(enum circuit_state s)
 {
     switch (s) {
-    case CIRCUIT_CLOSED: return "closed";
-    case CIRCUIT_OPEN: return "open";
-    case CIRCUIT_HALF_OPEN: return "half_open";
+    case CIRCUIT_CLOSED:
+        return "closed";
+    case CIRCUIT_OPEN:
+        return "open";
+    case CIRCUIT_HALF_OPEN:
+        return "half_open";
     }
     return "closed";
 }
@@ -73,7 +76,7 @@ circuit_on_result(struct circuit *c, enum route_outcome o, const char *reason, i
     switch (o) {
     case ROUTE_NEUTRAL:
         if (c->state == CIRCUIT_HALF_OPEN) {
-            c->probe_inflight = false;  /* say nothing; let another probe decide */
+            c->probe_inflight = false; /* say nothing; let another probe decide */
         }
         break;
     case ROUTE_SUCCESS:
@@ -239,7 +242,7 @@ model_rewrite_feed(struct model_rewrite *m, const char *in, size_t len, struct e
     if (m->carry_len > 0) {
         buf = malloc(m->carry_len + len);
         if (!buf) {
-            evbuffer_add(out, m->carry, m->carry_len);  /* give up on this match */
+            evbuffer_add(out, m->carry, m->carry_len); /* give up on this match */
             m->carry_len = 0;
         } else {
             memcpy(buf, m->carry, m->carry_len);
@@ -260,7 +263,7 @@ model_rewrite_feed(struct model_rewrite *m, const char *in, size_t len, struct e
             continue;
         }
         if (r < 0 && n - i > 512 + strlen(m->from)) {
-            continue;               /* not a plausible split match: let it go */
+            continue; /* not a plausible split match: let it go */
         }
         if (r < 0) {
             /* maybe a match split across pieces: hold it back */

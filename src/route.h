@@ -30,11 +30,11 @@
 
 #include "conf.h"
 
-#define ROUTE_MAX_UPSTREAMS     64
-#define ROUTE_TRIP_FAILURES     5
-#define ROUTE_COOLDOWN_MS       5000
-#define ROUTE_COOLDOWN_MAX_MS   120000
-#define ROUTE_AUTH_COOLDOWN_MS  300000
+#define ROUTE_MAX_UPSTREAMS    64
+#define ROUTE_TRIP_FAILURES    5
+#define ROUTE_COOLDOWN_MS      5000
+#define ROUTE_COOLDOWN_MAX_MS  120000
+#define ROUTE_AUTH_COOLDOWN_MS 300000
 
 struct evbuffer;
 
@@ -42,12 +42,12 @@ enum circuit_state { CIRCUIT_CLOSED, CIRCUIT_OPEN, CIRCUIT_HALF_OPEN };
 
 struct circuit {
     enum circuit_state state;
-    int failures;               /* consecutive */
+    int failures; /* consecutive */
     int64_t open_until_us;
     int64_t cooldown_ms;
     bool probe_inflight;
-    bool auth;                  /* opened by 401/402/403 */
-    char reason[16];            /* "503", "timeout", "402", ... */
+    bool auth;       /* opened by 401/402/403 */
+    char reason[16]; /* "503", "timeout", "402", ... */
 };
 
 enum route_outcome { ROUTE_SUCCESS, ROUTE_FAILURE, ROUTE_AUTH_FAILURE, ROUTE_NEUTRAL };
@@ -58,8 +58,7 @@ bool circuit_usable(struct circuit *c, int64_t now_us);
 /* A request is about to be sent: in HALF_OPEN it is the probe. */
 void circuit_on_send(struct circuit *c);
 /* Returns true when the state changed (for logs and metrics). */
-bool circuit_on_result(struct circuit *c, enum route_outcome o, const char *reason,
-                       int64_t now_us);
+bool circuit_on_result(struct circuit *c, enum route_outcome o, const char *reason, int64_t now_us);
 const char *circuit_state_name(enum circuit_state s);
 
 /* Outcome class of an upstream answer or error. */
@@ -78,7 +77,7 @@ size_t route_swrr_pick(int64_t *current, const int *weights, const size_t *cand,
 struct model_rewrite {
     char *from;
     char *to;
-    char *carry;                /* bytes held back: maybe the start of a match */
+    char *carry; /* bytes held back: maybe the start of a match */
     size_t carry_len;
 };
 int model_rewrite_init(struct model_rewrite *m, const char *from, const char *to);

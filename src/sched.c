@@ -136,7 +136,7 @@ sched_set_remove(struct sched_set *s, struct sched_item *it)
     s->depth[it->prio]--;
     sched_queue_remove(q, it);
     if (q->total == 0) {
-        s->g[it->group].used = false;   /* free for another destination */
+        s->g[it->group].used = false; /* free for another destination */
     }
 }
 
@@ -147,8 +147,7 @@ sched_set_heads(const struct sched_set *s, int64_t now_us, int64_t aging_us,
     size_t n = 0;
 
     for (unsigned i = 0; i < SCHED_GROUPS; i++) {
-        struct sched_item *h = s->g[i].used ? sched_queue_peek(&s->g[i].q, now_us, aging_us)
-                                            : NULL;
+        struct sched_item *h = s->g[i].used ? sched_queue_peek(&s->g[i].q, now_us, aging_us) : NULL;
         if (!h) {
             continue;
         }

@@ -25,18 +25,18 @@
 
 #include "conf.h"
 
-#define SCHED_DECREASE_FACTOR   0.7
-#define SCHED_WINDOW_SAMPLES    40
-#define SCHED_WINDOW_MS         1000
-#define SCHED_MIN_SAMPLES       4
-#define SCHED_OVERLOAD_PERCENT  30
+#define SCHED_DECREASE_FACTOR  0.7
+#define SCHED_WINDOW_SAMPLES   40
+#define SCHED_WINDOW_MS        1000
+#define SCHED_MIN_SAMPLES      4
+#define SCHED_OVERLOAD_PERCENT 30
 
 struct sched_item {
     struct sched_item *prev, *next;
-    enum prio prio;             /* class at enqueue */
+    enum prio prio; /* class at enqueue */
     int64_t t_enq_us;
     bool queued;
-    unsigned group;             /* in a sched_set: which queue */
+    unsigned group; /* in a sched_set: which queue */
 };
 
 struct sched_queue {
@@ -87,7 +87,7 @@ struct sched_limit {
     bool adaptive;
     double limit;
     int inflight;
-    int64_t win_start_us;       /* the current window of outcomes */
+    int64_t win_start_us; /* the current window of outcomes */
     uint32_t win_n;
     uint32_t win_over;
 };

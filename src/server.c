@@ -18,7 +18,7 @@
 #include "log.h"
 #include "metrics.h"
 
-static const struct http_header json_ct[] = { { "Content-Type", "application/json" } };
+static const struct http_header json_ct[] = {{"Content-Type", "application/json"}};
 
 static bool
 path_is(const struct conf *c, const char *path)
@@ -52,7 +52,8 @@ reply_readyz(struct gateway *gw, struct http_req *req)
         const struct gw_upstream *u = gw->ups[i];
         evbuffer_add_printf(b, "%s{\"name\":\"", i ? "," : "");
         log_json_escape(b, u->conf->name);
-        evbuffer_add_printf(b, "\",\"state\":\"%s\",\"reason\":\"%s\",\"inflight\":%d,"
+        evbuffer_add_printf(b,
+                            "\",\"state\":\"%s\",\"reason\":\"%s\",\"inflight\":%d,"
                             "\"limit\":%d}",
                             circuit_state_name(u->circuit.state), u->circuit.reason,
                             u->limit.inflight, sched_limit_current(&u->limit));
@@ -67,7 +68,7 @@ static void
 reply_metrics(struct gateway *gw, struct http_req *req)
 {
     static const struct http_header ct[] = {
-        { "Content-Type", "text/plain; version=0.0.4; charset=utf-8" } };
+        {"Content-Type", "text/plain; version=0.0.4; charset=utf-8"}};
     struct evbuffer *b = evbuffer_new();
 
     if (!b) {
@@ -196,8 +197,8 @@ server_handle(struct http_req *req, void *arg)
     const char *pv = http_req_header(req, "X-Priority");
     if (pv) {
         if (conf_parse_priority(pv, &prio) < 0) {
-            reject(req, c->queue.default_priority, 400, "invalid_request_error",
-                   "invalid_priority", "X-Priority must be high, medium or low");
+            reject(req, c->queue.default_priority, 400, "invalid_request_error", "invalid_priority",
+                   "X-Priority must be high, medium or low");
             return;
         }
         if (prio < ceiling) {

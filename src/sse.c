@@ -39,12 +39,12 @@ sse_scan_feed(struct sse_scan *s, const char *p, size_t n)
         if (s->state == SSE_CR) {
             s->state = SSE_LINE_START;
             if (ch == '\n') {
-                continue;           /* CRLF */
+                continue; /* CRLF */
             }
         }
         if (ch == '\r' || ch == '\n') {
             if (s->state == SSE_LINE_START) {
-                s->mid_event = false;   /* blank line: end of event */
+                s->mid_event = false; /* blank line: end of event */
             }
             s->state = ch == '\r' ? SSE_CR : SSE_LINE_START;
             continue;

@@ -15,12 +15,12 @@
 #include <sys/types.h>
 
 struct sse_scan {
-    bool sse;           /* text/event-stream; else a plain body */
+    bool sse; /* text/event-stream; else a plain body */
     int state;
     bool line_has_data; /* the current line is a field line */
     bool seen_data;
-    bool mid_line;      /* the last byte fed did not end a line */
-    bool mid_event;     /* a field line was seen since the last blank line */
+    bool mid_line;  /* the last byte fed did not end a line */
+    bool mid_event; /* a field line was seen since the last blank line */
 };
 
 void sse_scan_init(struct sse_scan *s, bool sse);

@@ -25,8 +25,8 @@
 #include "metrics.h"
 #include "rlink.h"
 
-#define MAX_PENDING        10000   /* lookups and writes waiting for Redis */
-#define MAX_ABANDONED      64      /* late replies before the link is reset */
+#define MAX_PENDING   10000 /* lookups and writes waiting for Redis */
+#define MAX_ABANDONED 64    /* late replies before the link is reset */
 
 struct store {
     struct event_base *base;
@@ -43,8 +43,8 @@ struct store_get {
     void *arg;
     struct event *timer;
     uint8_t key[CACHE_KEY_LEN];
-    bool done;                  /* the requester has had its answer or left */
-    bool timed_out;             /* ... because Redis was too slow */
+    bool done;      /* the requester has had its answer or left */
+    bool timed_out; /* ... because Redis was too slow */
 };
 
 static void
@@ -102,7 +102,7 @@ store_free(struct store *s)
     if (!s) {
         return;
     }
-    rlink_free(s->link);            /* pending callbacks run with NULL */
+    rlink_free(s->link); /* pending callbacks run with NULL */
     free(s);
 }
 
@@ -166,7 +166,7 @@ on_get_reply(redisAsyncContext *ac, void *r, void *priv)
         g->done = true;
         g->fn(g->arg, e);
     } else if (g->timed_out && s->abandoned > 0) {
-        s->abandoned--;             /* a late reply: Redis is answering again */
+        s->abandoned--; /* a late reply: Redis is answering again */
     }
     event_free(g->timer);
     free(g);
@@ -191,10 +191,9 @@ store_get(struct store *s, const uint8_t key[CACHE_KEY_LEN], store_get_fn fn, vo
     memcpy(g->key, key, CACHE_KEY_LEN);
     g->timer = evtimer_new(s->base, get_timeout_cb, g);
     size_t kl = make_key(s, key, k, sizeof(k));
-    const char *argv[2] = { "GET", k };
-    size_t argvlen[2] = { 3, kl };
-    if (!g->timer ||
-        redisAsyncCommandArgv(ac, on_get_reply, g, 2, argv, argvlen) != REDIS_OK) {
+    const char *argv[2] = {"GET", k};
+    size_t argvlen[2] = {3, kl};
+    if (!g->timer || redisAsyncCommandArgv(ac, on_get_reply, g, 2, argv, argvlen) != REDIS_OK) {
         if (g->timer) {
             event_free(g->timer);
         }
@@ -202,7 +201,7 @@ store_get(struct store *s, const uint8_t key[CACHE_KEY_LEN], store_get_fn fn, vo
         return NULL;
     }
     s->pending++;
-    struct timeval tv = { s->timeout_ms / 1000, (s->timeout_ms % 1000) * 1000 };
+    struct timeval tv = {s->timeout_ms / 1000, (s->timeout_ms % 1000) * 1000};
     evtimer_add(g->timer, &tv);
     return g;
 }
@@ -265,8 +264,8 @@ store_put_then(struct store *s, const struct cache_entry *e, int64_t ttl_ms,
     pc->arg = arg;
     size_t kl = make_key(s, e->key, k, sizeof(k));
     int tl = snprintf(ttl, sizeof(ttl), "%lld", (long long)ttl_ms);
-    const char *argv[5] = { "SET", k, val, "PX", ttl };
-    size_t argvlen[5] = { 3, kl, len, 2, (size_t)tl };
+    const char *argv[5] = {"SET", k, val, "PX", ttl};
+    size_t argvlen[5] = {3, kl, len, 2, (size_t)tl};
     if (redisAsyncCommandArgv(ac, on_put_reply, pc, 5, argv, argvlen) == REDIS_OK) {
         s->pending++;
     } else {

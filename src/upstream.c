@@ -22,7 +22,7 @@
 
 #include "log.h"
 
-#define FREE_EASY_MAX   64
+#define FREE_EASY_MAX    64
 #define MAX_RESP_HEADERS 128
 
 struct upstream_ctx {
@@ -58,8 +58,8 @@ sock_event_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct upstream_ctx *ctx = arg;
     int running = 0;
-    int action = ((what & EV_READ) ? CURL_CSELECT_IN : 0) |
-                 ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
+    int action =
+        ((what & EV_READ) ? CURL_CSELECT_IN : 0) | ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
 
     curl_multi_socket_action(ctx->multi, fd, action, &running);
     check_done(ctx);
@@ -86,7 +86,7 @@ multi_timer_cb(CURLM *multi, long timeout_ms, void *arg)
     if (timeout_ms < 0) {
         evtimer_del(ctx->timer);
     } else {
-        struct timeval tv = { timeout_ms / 1000, (timeout_ms % 1000) * 1000 };
+        struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
         evtimer_add(ctx->timer, &tv);
     }
     return 0;
@@ -128,11 +128,16 @@ const char *
 upstream_result_name(enum up_result r)
 {
     switch (r) {
-    case UP_OK: return "ok";
-    case UP_CONNECT: return "connect";
-    case UP_TIMEOUT: return "timeout";
-    case UP_BROKEN: return "broken";
-    case UP_ABORTED: return "aborted";
+    case UP_OK:
+        return "ok";
+    case UP_CONNECT:
+        return "connect";
+    case UP_TIMEOUT:
+        return "timeout";
+    case UP_BROKEN:
+        return "broken";
+    case UP_ABORTED:
+        return "aborted";
     }
     return "unknown";
 }
@@ -238,20 +243,20 @@ header_cb(char *p, size_t size, size_t nmemb, void *arg)
     size_t len = size * nmemb, n = len;
 
     if (x->head_done) {
-        return len;                 /* trailers: ignored */
+        return len; /* trailers: ignored */
     }
     while (n > 0 && (p[n - 1] == '\n' || p[n - 1] == '\r')) {
         n--;
     }
     if (n >= 5 && strncmp(p, "HTTP/", 5) == 0) {
-        x->hlen = 0;                /* a new head (after 1xx) */
+        x->hlen = 0; /* a new head (after 1xx) */
         x->nresp = 0;
         return len;
     }
     if (n > 0) {
         const char *colon = memchr(p, ':', n);
         if (!colon || x->nresp >= MAX_RESP_HEADERS) {
-            return len;             /* not a field; ignore */
+            return len; /* not a field; ignore */
         }
         const char *v = colon + 1, *e = p + n;
         while (v < e && (*v == ' ' || *v == '\t')) {
@@ -309,8 +314,8 @@ write_cb(char *p, size_t size, size_t nmemb, void *arg)
 }
 
 struct up_xfer *
-upstream_start(struct upstream_ctx *ctx, const struct up_request *rq,
-               const struct up_callbacks *cb, void *arg)
+upstream_start(struct upstream_ctx *ctx, const struct up_request *rq, const struct up_callbacks *cb,
+               void *arg)
 {
     struct up_xfer *x = calloc(1, sizeof(*x));
 
@@ -364,8 +369,8 @@ upstream_start(struct upstream_ctx *ctx, const struct up_request *rq,
         if (strcmp(rq->method, "POST") != 0 || rq->body_len == 0) {
             curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, rq->method);
         }
-        if (rq->body_len > 0 || strcmp(rq->method, "POST") == 0 ||
-            strcmp(rq->method, "PUT") == 0 || strcmp(rq->method, "PATCH") == 0) {
+        if (rq->body_len > 0 || strcmp(rq->method, "POST") == 0 || strcmp(rq->method, "PUT") == 0 ||
+            strcmp(rq->method, "PATCH") == 0) {
             curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)rq->body_len);
             curl_easy_setopt(e, CURLOPT_POSTFIELDS, rq->body ? rq->body : "");
         }

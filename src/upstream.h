@@ -26,10 +26,10 @@ struct up_xfer;
 
 enum up_result {
     UP_OK = 0,
-    UP_CONNECT,         /* DNS, refused, TLS handshake: nothing sent or received */
-    UP_TIMEOUT,         /* connect or total timeout */
-    UP_BROKEN,          /* reset, truncated or unparsable response */
-    UP_ABORTED,         /* a callback asked to stop */
+    UP_CONNECT, /* DNS, refused, TLS handshake: nothing sent or received */
+    UP_TIMEOUT, /* connect or total timeout */
+    UP_BROKEN,  /* reset, truncated or unparsable response */
+    UP_ABORTED, /* a callback asked to stop */
 };
 
 #define UP_CONTINUE 0
@@ -45,13 +45,13 @@ struct up_callbacks {
 
 struct up_request {
     const char *method;
-    const char *url;                /* full URL */
-    const char *const *headers;     /* "Name: value" lines, NULL-terminated */
-    const char *body;               /* must stay valid until on_done/cancel */
+    const char *url;            /* full URL */
+    const char *const *headers; /* "Name: value" lines, NULL-terminated */
+    const char *body;           /* must stay valid until on_done/cancel */
     size_t body_len;
     int64_t connect_ms;
-    int64_t total_ms;               /* 0: none */
-    const char *ca_file;            /* NULL or "": system store */
+    int64_t total_ms;    /* 0: none */
+    const char *ca_file; /* NULL or "": system store */
     bool insecure;
 };
 
