@@ -294,12 +294,14 @@ build_forward_headers(struct request *r)
             have_accept = true;
         }
         offs[n++] = evbuffer_get_length(r->hstore);
-        if (hr->headers[i].value[0]) {
-            evbuffer_add_printf(r->hstore, "%s: %s", name, hr->headers[i].value);
+        const char *value = hr->headers[i].value;
+        evbuffer_add(r->hstore, name, strlen(name));
+        if (value[0]) {
+            evbuffer_add(r->hstore, ": ", 2);
+            evbuffer_add(r->hstore, value, strlen(value) + 1);
         } else {
-            evbuffer_add_printf(r->hstore, "%s;", name); /* curl's way to send it empty */
+            evbuffer_add(r->hstore, ";", 2); /* curl's way to send it empty */
         }
-        evbuffer_add(r->hstore, "", 1);
     }
     /* suppress what libcurl would add on its own */
     static const char *const quiet[] = {"Expect:", "Content-Type:", "Accept:"};
