@@ -7,7 +7,7 @@
  *
  * Encoded entry (Redis tier), all integers big-endian:
  *   "DSGC" | version u8 | flags u8 (1: SSE) | expires_ms u64 | key[32] |
- *   ctype_len u16 | ctype | body_len u32 | body
+ *   ctype_len u16 | ctype | body_len u32 | body | fnv1a64 of all before u64
  */
 #include "cache.h"
 
@@ -32,53 +32,125 @@ cache_now_ms(void)
 
 /* ---- key -------------------------------------------------------------- */
 
-static void
-digest_field(EVP_MD_CTX *md, const char *s, size_t len)
-{
-    uint8_t n[8];
+/* The key's input, built in one reusable buffer: length-prefixed fields. */
+struct keybuf {
+    char *p;
+    size_t len, cap;
+};
 
-    /* length-prefixed, so fields cannot run into each other */
-    for (int i = 0; i < 8; i++) {
-        n[i] = (uint8_t)((uint64_t)len >> (56 - 8 * i));
+static int
+keybuf_reserve(struct keybuf *kb, size_t need)
+{
+    if (kb->len + need <= kb->cap) {
+        return 0;
     }
-    EVP_DigestUpdate(md, n, sizeof(n));
-    EVP_DigestUpdate(md, s, len);
+    size_t cap = kb->cap ? kb->cap : 4096;
+    while (cap < kb->len + need) {
+        cap *= 2;
+    }
+    char *p = realloc(kb->p, cap);
+    if (!p) {
+        return -1;
+    }
+    kb->p = p;
+    kb->cap = cap;
+    return 0;
+}
+
+static void
+keybuf_len(struct keybuf *kb, size_t len)
+{
+    for (int i = 0; i < 8; i++) {
+        kb->p[kb->len++] = (char)(uint8_t)((uint64_t)len >> (56 - 8 * i));
+    }
+}
+
+static int
+keybuf_field(struct keybuf *kb, const char *s, size_t len)
+{
+    if (keybuf_reserve(kb, len + 8) < 0) {
+        return -1;
+    }
+    keybuf_len(kb, len);
+    memcpy(kb->p + kb->len, s, len);
+    kb->len += len;
+    return 0;
+}
+
+/* SHA-256, fetched once (an implicit fetch on every digest costs more than the digest). */
+static int
+sha256(const char *p, size_t len, uint8_t out[CACHE_KEY_LEN])
+{
+    static EVP_MD *md;
+    static EVP_MD_CTX *ctx;
+    unsigned int olen = 0;
+
+    if (!md && !(md = EVP_MD_fetch(NULL, "SHA256", NULL))) {
+        return -1;
+    }
+    if (!ctx && !(ctx = EVP_MD_CTX_new())) {
+        return -1;
+    }
+    if (EVP_DigestInit_ex2(ctx, md, NULL) != 1 || EVP_DigestUpdate(ctx, p, len) != 1 ||
+        EVP_DigestFinal_ex(ctx, out, &olen) != 1 || olen != CACHE_KEY_LEN) {
+        return -1;
+    }
+    return 0;
 }
 
 int
 cache_key(const char *group, const char *method, const char *path, const json_t *body,
           const char *credential, uint8_t out[CACHE_KEY_LEN])
 {
-    char *canon = json_dumps(body, JSON_SORT_KEYS | JSON_COMPACT | JSON_ENCODE_ANY);
-    EVP_MD_CTX *md = EVP_MD_CTX_new();
-    unsigned int olen = 0;
-    int rc = -1;
+    static struct keybuf kb;
+    static const char tag[] = "dsgate-cache-v2";
+    const int flags = JSON_SORT_KEYS | JSON_COMPACT | JSON_ENCODE_ANY;
 
-    if (!canon || !md) {
-        goto out;
+    kb.len = 0;
+    /* the credential goes into the digest, never anywhere else */
+    if (keybuf_field(&kb, tag, sizeof(tag) - 1) < 0 || keybuf_field(&kb, group, strlen(group)) < 0 ||
+        keybuf_field(&kb, method, strlen(method)) < 0 ||
+        keybuf_field(&kb, path, strlen(path)) < 0 ||
+        keybuf_field(&kb, credential ? credential : "", credential ? strlen(credential) : 0) < 0 ||
+        keybuf_reserve(&kb, 8) < 0) {
+        return -1;
     }
-    uint8_t cred[CACHE_KEY_LEN] = {0};
-    if (credential && *credential) {
-        unsigned int clen = 0;
-        EVP_Digest(credential, strlen(credential), cred, &clen, EVP_sha256(), NULL);
+    /* the canonical body: written in place, the buffer grown when it does not fit */
+    size_t at = kb.len;
+    kb.len += 8;
+    size_t n = json_dumpb(body, kb.p + kb.len, kb.cap - kb.len, flags);
+    if (n == 0) {
+        return -1;
     }
-    if (EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) {
-        goto out;
+    if (n > kb.cap - kb.len) {
+        if (keybuf_reserve(&kb, n) < 0) {
+            return -1;
+        }
+        n = json_dumpb(body, kb.p + kb.len, kb.cap - kb.len, flags);
     }
-    static const char tag[] = "dsgate-cache-v1";
-    digest_field(md, tag, sizeof(tag) - 1);
-    digest_field(md, group, strlen(group));
-    digest_field(md, method, strlen(method));
-    digest_field(md, path, strlen(path));
-    digest_field(md, canon, strlen(canon));
-    digest_field(md, (const char *)cred, credential && *credential ? sizeof(cred) : 0);
-    if (EVP_DigestFinal_ex(md, out, &olen) == 1 && olen == CACHE_KEY_LEN) {
-        rc = 0;
+    size_t end = kb.len + n;
+    kb.len = at;
+    keybuf_len(&kb, n);
+    kb.len = end;
+    return sha256(kb.p, kb.len, out);
+}
+
+int
+cache_raw_key(const char *group, const char *method, const char *path, const char *body,
+              size_t len, const char *credential, uint8_t out[CACHE_KEY_LEN])
+{
+    static struct keybuf kb;
+    static const char tag[] = "dsgate-raw-v1";
+
+    kb.len = 0;
+    if (keybuf_field(&kb, tag, sizeof(tag) - 1) < 0 || keybuf_field(&kb, group, strlen(group)) < 0 ||
+        keybuf_field(&kb, method, strlen(method)) < 0 ||
+        keybuf_field(&kb, path, strlen(path)) < 0 ||
+        keybuf_field(&kb, credential ? credential : "", credential ? strlen(credential) : 0) < 0 ||
+        keybuf_field(&kb, body, len) < 0) {
+        return -1;
     }
-out:
-    EVP_MD_CTX_free(md);
-    free(canon);
-    return rc;
+    return sha256(kb.p, kb.len, out);
 }
 
 void
@@ -191,6 +263,17 @@ cache_storable(bool sse, const char *body, size_t len, size_t *start)
     return true;
 }
 
+static uint64_t
+fnv1a64(const char *p, size_t n)
+{
+    uint64_t h = 14695981039346656037ull;
+
+    for (size_t i = 0; i < n; i++) {
+        h = (h ^ (uint8_t)p[i]) * 1099511628211ull;
+    }
+    return h;
+}
+
 static void
 put_u(char *p, uint64_t v, int bytes)
 {
@@ -218,7 +301,7 @@ cache_entry_encode(const struct cache_entry *e, size_t *len)
     if (cl > 0xffff || e->body_len > 0xffffffffu) {
         return NULL;
     }
-    size_t n = HDR_LEN + cl + 4 + e->body_len;
+    size_t n = HDR_LEN + cl + 4 + e->body_len + 8;
     char *buf = malloc(n);
     if (!buf) {
         return NULL;
@@ -239,16 +322,44 @@ cache_entry_encode(const struct cache_entry *e, size_t *len)
     put_u(p, e->body_len, 4);
     p += 4;
     memcpy(p, e->body, e->body_len);
+    p += e->body_len;
+    put_u(p, fnv1a64(buf, (size_t)(p - buf)), 8);
     *len = n;
     return buf;
+}
+
+/* The shape of a stored answer: an object, or an SSE stream ending in [DONE]. */
+static bool
+stored_shape(bool sse, const char *b, size_t len)
+{
+    if (len == 0) {
+        return false;
+    }
+    if (!sse) {
+        return b[0] == '{' && b[len - 1] == '}';
+    }
+    if (b[0] == ':' || is_ws(b[0])) {
+        return false;               /* stored streams start at their first event */
+    }
+    size_t e = len;
+    while (e > 0 && is_ws(b[e - 1])) {
+        e--;
+    }
+    static const char done[] = "data: [DONE]";
+    size_t dl = sizeof(done) - 1;
+    return e >= dl && memcmp(b + e - dl, done, dl) == 0 && (e == dl || b[e - dl - 1] == '\n');
 }
 
 struct cache_entry *
 cache_entry_decode(const uint8_t key[CACHE_KEY_LEN], const char *buf, size_t len)
 {
-    if (len < HDR_LEN + 4 || memcmp(buf, MAGIC, 4) != 0 || buf[4] != CACHE_FORMAT_VERSION ||
+    if (len < HDR_LEN + 4 + 8 || memcmp(buf, MAGIC, 4) != 0 || buf[4] != CACHE_FORMAT_VERSION ||
         (buf[5] & ~1) != 0) {
         return NULL;
+    }
+    len -= 8;
+    if (get_u(buf + len, 8) != fnv1a64(buf, len)) {
+        return NULL;                /* damaged, or not ours */
     }
     bool sse = buf[5] & 1;
     int64_t expires = (int64_t)get_u(buf + 6, 8);
@@ -273,8 +384,7 @@ cache_entry_decode(const uint8_t key[CACHE_KEY_LEN], const char *buf, size_t len
     if (bl != len - off) {
         return NULL;
     }
-    size_t start;
-    if (!cache_storable(sse, buf + off, bl, &start) || start != 0) {
+    if (!stored_shape(sse, buf + off, bl)) {
         return NULL;
     }
     return cache_entry_new(key, sse, ctype, buf + off, bl, expires);
@@ -282,9 +392,17 @@ cache_entry_decode(const uint8_t key[CACHE_KEY_LEN], const char *buf, size_t len
 
 /* ---- memory tier ------------------------------------------------------ */
 
+struct alias {
+    uint8_t raw[CACHE_KEY_LEN];
+    uint8_t key[CACHE_KEY_LEN];
+    bool used;
+};
+
 struct cache_mem {
     struct cache_entry **buckets;
     size_t nbuckets;
+    struct alias *aliases;      /* nalias slots, direct-mapped by raw key */
+    size_t nalias;
     struct cache_entry *lru_head, *lru_tail; /* head: most recent */
     size_t count, bytes;
     size_t max_entries, max_bytes;
@@ -318,7 +436,11 @@ cache_mem_new(size_t max_entries, size_t max_bytes)
         m->nbuckets *= 2;
     }
     m->buckets = calloc(m->nbuckets, sizeof(*m->buckets));
-    if (!m->buckets) {
+    m->nalias = m->nbuckets * 2;
+    m->aliases = max_entries > 0 ? calloc(m->nalias, sizeof(*m->aliases)) : NULL;
+    if (!m->buckets || (max_entries > 0 && !m->aliases)) {
+        free(m->buckets);
+        free(m->aliases);
         free(m);
         return NULL;
     }
@@ -388,6 +510,9 @@ cache_mem_configure(struct cache_mem *m, size_t max_entries, size_t max_bytes)
 {
     m->max_entries = max_entries;
     m->max_bytes = max_bytes;
+    if (max_entries > 0 && !m->aliases) {
+        m->aliases = calloc(m->nalias, sizeof(*m->aliases)); /* NULL: no shortcut */
+    }
     mem_evict(m);
 }
 
@@ -433,6 +558,43 @@ cache_mem_put(struct cache_mem *m, struct cache_entry *e)
     mem_evict(m);
 }
 
+static size_t
+alias_slot(const struct cache_mem *m, const uint8_t raw[CACHE_KEY_LEN])
+{
+    uint64_t h;
+
+    memcpy(&h, raw, sizeof(h));
+    return (size_t)(h % m->nalias);
+}
+
+bool
+cache_alias_get(const struct cache_mem *m, const uint8_t raw[CACHE_KEY_LEN],
+                uint8_t key[CACHE_KEY_LEN])
+{
+    if (!m->aliases) {
+        return false;
+    }
+    const struct alias *a = &m->aliases[alias_slot(m, raw)];
+    if (!a->used || memcmp(a->raw, raw, CACHE_KEY_LEN) != 0) {
+        return false;
+    }
+    memcpy(key, a->key, CACHE_KEY_LEN);
+    return true;
+}
+
+void
+cache_alias_put(struct cache_mem *m, const uint8_t raw[CACHE_KEY_LEN],
+                const uint8_t key[CACHE_KEY_LEN])
+{
+    if (!m->aliases) {
+        return;
+    }
+    struct alias *a = &m->aliases[alias_slot(m, raw)];
+    memcpy(a->raw, raw, CACHE_KEY_LEN);
+    memcpy(a->key, key, CACHE_KEY_LEN);
+    a->used = true;
+}
+
 size_t
 cache_mem_count(const struct cache_mem *m)
 {
@@ -455,5 +617,6 @@ cache_mem_free(struct cache_mem *m)
         mem_remove(m, m->lru_head);
     }
     free(m->buckets);
+    free(m->aliases);
     free(m);
 }

@@ -20,7 +20,7 @@
 #include <jansson.h>
 
 #define CACHE_KEY_LEN        32
-#define CACHE_FORMAT_VERSION 1
+#define CACHE_FORMAT_VERSION 2
 
 struct cache_entry {
     int refs;
@@ -44,6 +44,14 @@ struct cache_entry {
 int cache_key(const char *group, const char *method, const char *path, const json_t *body,
               const char *credential, uint8_t out[CACHE_KEY_LEN]);
 
+/*
+ * The same over the body's raw bytes: two requests with byte-identical
+ * bodies share it.  Used to skip parsing on repeated requests: the memory
+ * tier remembers raw key -> key (cache_alias_*).
+ */
+int cache_raw_key(const char *group, const char *method, const char *path, const char *body,
+                  size_t len, const char *credential, uint8_t out[CACHE_KEY_LEN]);
+
 /* Hex form of a key: 64 characters and a NUL. */
 void cache_key_hex(const uint8_t key[CACHE_KEY_LEN], char out[2 * CACHE_KEY_LEN + 1]);
 
@@ -62,7 +70,12 @@ bool cache_storable(bool sse, const char *body, size_t len, size_t *start);
 
 /* Entry encoding for the Redis tier: a versioned binary record. */
 char *cache_entry_encode(const struct cache_entry *e, size_t *len);
-/* NULL when the record is not a valid current-format entry for KEY. */
+/*
+ * NULL when the record is not a valid current-format entry for KEY: wrong
+ * magic, version, key or lengths, a checksum that does not match, or a body
+ * that is not the shape of a stored answer.  (The body was validated when
+ * it was stored; the checksum stands for that, instead of a second parse.)
+ */
 struct cache_entry *cache_entry_decode(const uint8_t key[CACHE_KEY_LEN], const char *buf,
                                        size_t len);
 
@@ -78,6 +91,14 @@ struct cache_entry *cache_mem_get(struct cache_mem *m, const uint8_t key[CACHE_K
 /* Insert or replace; the memory tier takes its own reference. */
 void cache_mem_put(struct cache_mem *m, struct cache_entry *e);
 size_t cache_mem_count(const struct cache_mem *m);
+/*
+ * Raw key -> key, in a direct-mapped table of twice max_entries slots (at
+ * least 1024; a newer pair replaces an older one in its slot).
+ */
+bool cache_alias_get(const struct cache_mem *m, const uint8_t raw[CACHE_KEY_LEN],
+                     uint8_t key[CACHE_KEY_LEN]);
+void cache_alias_put(struct cache_mem *m, const uint8_t raw[CACHE_KEY_LEN],
+                     const uint8_t key[CACHE_KEY_LEN]);
 size_t cache_mem_bytes(const struct cache_mem *m);
 
 /* Wall clock in ms. */

@@ -28,6 +28,7 @@ struct flight;
 struct http_server;
 struct store;
 struct http_req;
+struct metric_series;
 struct request;
 struct upstream_ctx;
 
@@ -53,6 +54,13 @@ struct gw_upstream {
     struct circuit circuit;
     int64_t swrr;           /* smooth weighted round robin state */
     struct fleet_up *fleet; /* leases and the shared limit, in fleet mode */
+    /* metric series of this upstream, found once */
+    struct metric_series *m_tokens[4];
+    struct {
+        const char *outcome;
+        struct metric_series *s;
+    } m_attempts[16];
+    size_t n_m_attempts;
     struct event *wake;     /* pumps the queue when an open circuit may close */
     struct gateway *gw;
     /* the answer that opened the circuit on 401/402/403, replayed while it is open */
@@ -122,6 +130,13 @@ void request_shutdown(struct gateway *gw);
  */
 void request_start(struct gateway *gw, struct http_req *req, enum prio prio, const void *doc,
                    bool cache_path);
+
+/*
+ * A repeated request whose exact bytes were seen before and whose answer is
+ * in the memory tier: answered at once, without parsing its body.  True
+ * when REQ was answered.
+ */
+bool request_fast_hit(struct gateway *gw, struct http_req *req, enum prio prio);
 
 /* Set up and tear down the table of cacheable requests in flight. */
 int request_cache_setup(struct gateway *gw);

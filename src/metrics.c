@@ -22,9 +22,9 @@ static const double buckets[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                                  2.5,   5,    10,    30,   60,  120,  300, 600};
 #define NBUCKETS (sizeof(buckets) / sizeof(buckets[0]))
 
-struct series {
-    struct series *hnext; /* hash chain */
-    struct series *fnext; /* family order */
+struct metric_series {
+    struct metric_series *hnext; /* hash chain */
+    struct metric_series *fnext; /* family order */
     const struct family *fam;
     char *labels;
     double value;              /* counter/gauge value, or histogram sum */
@@ -36,12 +36,12 @@ struct family {
     const char *name;
     const char *help;
     enum metric_type type;
-    struct series *first, *last;
+    struct metric_series *first, *last;
 };
 
 static struct family families[MAX_FAMILIES];
 static size_t nfamilies;
-static struct series *table[HASH_SIZE];
+static struct metric_series *table[HASH_SIZE];
 static size_t nseries;
 static uint64_t dropped;
 
@@ -84,14 +84,14 @@ hash2(const char *a, const char *b)
     return h;
 }
 
-static struct series *
+static struct metric_series *
 series_get(const char *name, const char *labels)
 {
     if (!labels) {
         labels = "";
     }
     uint32_t h = hash2(name, labels) % HASH_SIZE;
-    for (struct series *s = table[h]; s; s = s->hnext) {
+    for (struct metric_series *s = table[h]; s; s = s->hnext) {
         if (strcmp(s->fam->name, name) == 0 && strcmp(s->labels, labels) == 0) {
             return s;
         }
@@ -101,7 +101,7 @@ series_get(const char *name, const char *labels)
         dropped++;
         return NULL;
     }
-    struct series *s = calloc(1, sizeof(*s));
+    struct metric_series *s = calloc(1, sizeof(*s));
     if (!s || !(s->labels = strdup(labels))) {
         free(s);
         dropped++;
@@ -120,31 +120,23 @@ series_get(const char *name, const char *labels)
     return s;
 }
 
-void
-metrics_add(const char *name, const char *labels, double v)
+struct metric_series *
+metrics_series(const char *name, const char *labels)
 {
-    struct series *s = series_get(name, labels);
+    return series_get(name, labels);
+}
 
+void
+metrics_series_add(struct metric_series *s, double v)
+{
     if (s) {
         s->value += v;
     }
 }
 
 void
-metrics_set(const char *name, const char *labels, double v)
+metrics_series_observe(struct metric_series *s, double v)
 {
-    struct series *s = series_get(name, labels);
-
-    if (s) {
-        s->value = v;
-    }
-}
-
-void
-metrics_observe(const char *name, const char *labels, double v)
-{
-    struct series *s = series_get(name, labels);
-
     if (!s) {
         return;
     }
@@ -156,6 +148,28 @@ metrics_observe(const char *name, const char *labels, double v)
             break;
         }
     }
+}
+
+void
+metrics_add(const char *name, const char *labels, double v)
+{
+    metrics_series_add(series_get(name, labels), v);
+}
+
+void
+metrics_set(const char *name, const char *labels, double v)
+{
+    struct metric_series *s = series_get(name, labels);
+
+    if (s) {
+        s->value = v;
+    }
+}
+
+void
+metrics_observe(const char *name, const char *labels, double v)
+{
+    metrics_series_observe(series_get(name, labels), v);
 }
 
 void
@@ -208,7 +222,7 @@ metrics_render(struct evbuffer *out)
         }
         evbuffer_add_printf(out, "# HELP %s %s\n# TYPE %s %s\n", f->name, f->help, f->name,
                             type_names[f->type]);
-        for (const struct series *s = f->first; s; s = s->fnext) {
+        for (const struct metric_series *s = f->first; s; s = s->fnext) {
             if (f->type != METRIC_HISTOGRAM) {
                 sample(out, f->name, "", s->labels, NULL, s->value);
                 continue;
@@ -283,7 +297,7 @@ void
 metrics_free(void)
 {
     for (size_t i = 0; i < HASH_SIZE; i++) {
-        for (struct series *s = table[i], *n; s; s = n) {
+        for (struct metric_series *s = table[i], *n; s; s = n) {
             n = s->hnext;
             free(s->labels);
             free(s);

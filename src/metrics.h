@@ -33,6 +33,17 @@ void metrics_addf(const char *name, double v, const char *fmt, ...)
 void metrics_setf(const char *name, double v, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/*
+ * A series handle, for hot paths that update the same series again and
+ * again: found once, then updated without formatting or hashing.  NULL
+ * when the series limit is reached (the update functions accept NULL).
+ * Handles stay valid until metrics_free().
+ */
+struct metric_series;
+struct metric_series *metrics_series(const char *name, const char *labels);
+void metrics_series_add(struct metric_series *s, double v);
+void metrics_series_observe(struct metric_series *s, double v);
+
 /* Render everything. */
 void metrics_render(struct evbuffer *out);
 

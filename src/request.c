@@ -1009,7 +1009,6 @@ enqueue(struct request *r)
     if (fleet_active(gw->fleet)) {
         want_leases(gw, r);
     }
-    request_update_gauges(gw);
 }
 
 static void
@@ -1068,7 +1067,6 @@ request_pump(struct gateway *gw)
         }
     }
     fleet_trim(gw->fleet);
-    request_update_gauges(gw);
 }
 
 /*
@@ -1150,6 +1148,23 @@ status_outcome(int status)
 static void
 count_attempt(struct request *r, const char *outcome)
 {
+    struct gw_upstream *u = r->up;
+
+    for (size_t i = 0; i < u->n_m_attempts; i++) {
+        if (u->m_attempts[i].outcome == outcome) {
+            metrics_series_add(u->m_attempts[i].s, 1);
+            return;
+        }
+    }
+    if (u->n_m_attempts < sizeof(u->m_attempts) / sizeof(u->m_attempts[0])) {
+        char labels[160];
+        snprintf(labels, sizeof(labels), "upstream=\"%s\",outcome=\"%s\"", u->conf->name,
+                 outcome);
+        u->m_attempts[u->n_m_attempts].outcome = outcome;
+        u->m_attempts[u->n_m_attempts].s = metrics_series("dsgate_upstream_attempts_total", labels);
+        metrics_series_add(u->m_attempts[u->n_m_attempts++].s, 1);
+        return;
+    }
     metrics_addf("dsgate_upstream_attempts_total", 1, "upstream=\"%s\",outcome=\"%s\"",
                  r->up->conf->name, outcome);
 }
@@ -1470,19 +1485,43 @@ usage_account(struct request *r)
     if (q >= end) {
         return;
     }
-    json_t *u = json_loadb(o, (size_t)(q - o + 1), 0, NULL);
-    if (!u) {
-        return;
-    }
+    /* "field" : digits, looked up in the object's bytes (no parse needed) */
     for (int i = 0; i < 4; i++) {
-        json_t *v = json_object_get(u, fields[i]);
-        if (json_is_integer(v) && json_integer_value(v) >= 0) {
-            r->tokens[i] = json_integer_value(v);
-            metrics_addf("dsgate_tokens_total", (double)r->tokens[i], "upstream=\"%s\",kind=\"%s\"",
-                         r->up->conf->name, token_kinds[i]);
+        char pat[40];
+        int pl = snprintf(pat, sizeof(pat), "\"%s\"", fields[i]);
+        const char *f = memmem(o, (size_t)(q - o), pat, (size_t)pl);
+        if (!f) {
+            continue;
         }
+        f += pl;
+        while (f < q && (*f == ' ' || *f == '\t' || *f == '\n' || *f == '\r')) {
+            f++;
+        }
+        if (f >= q || *f++ != ':') {
+            continue;
+        }
+        while (f < q && (*f == ' ' || *f == '\t' || *f == '\n' || *f == '\r')) {
+            f++;
+        }
+        int64_t v = 0;
+        int digits = 0;
+        while (f < q && *f >= '0' && *f <= '9' && digits < 15) {
+            v = v * 10 + (*f++ - '0');
+            digits++;
+        }
+        if (digits == 0) {
+            continue;
+        }
+        r->tokens[i] = v;
+        struct gw_upstream *u = r->up;
+        if (!u->m_tokens[i]) {
+            char labels[160];
+            snprintf(labels, sizeof(labels), "upstream=\"%s\",kind=\"%s\"", u->conf->name,
+                     token_kinds[i]);
+            u->m_tokens[i] = metrics_series("dsgate_tokens_total", labels);
+        }
+        metrics_series_add(u->m_tokens[i], (double)v);
     }
-    json_decref(u);
 }
 
 /* Pass answer bytes on: to the flight (followers, cache) and the client. */
@@ -1770,13 +1809,33 @@ access_log(struct request *r)
 static void
 count_request(const struct request *r)
 {
-    char labels[96];
+    /* series handles by (code, priority, cache): formatted once each */
+    static struct {
+        int code;
+        enum prio prio;
+        const char *cache;
+        struct metric_series *s;
+    } seen[256];
+    static struct metric_series *duration;
+    int code = r->status ? r->status : 499;
+    unsigned h = ((unsigned)code * 31u + (unsigned)r->prio * 7u +
+                  (unsigned)((uintptr_t)r->cache_status >> 3)) % 256u;
 
-    snprintf(labels, sizeof(labels), "code=\"%d\",priority=\"%s\",cache=\"%s\"",
-             r->status ? r->status : 499, conf_priority_name(r->prio), r->cache_status);
-    metrics_add("dsgate_requests_total", labels, 1);
-    metrics_observe("dsgate_request_duration_seconds", NULL,
-                    (double)(http_now_us() - r->t_start_us) / 1e6);
+    if (!(seen[h].s && seen[h].code == code && seen[h].prio == r->prio &&
+          seen[h].cache == r->cache_status)) {
+        char labels[96];
+        snprintf(labels, sizeof(labels), "code=\"%d\",priority=\"%s\",cache=\"%s\"", code,
+                 conf_priority_name(r->prio), r->cache_status);
+        seen[h].code = code;
+        seen[h].prio = r->prio;
+        seen[h].cache = r->cache_status;
+        seen[h].s = metrics_series("dsgate_requests_total", labels);
+    }
+    metrics_series_add(seen[h].s, 1);
+    if (!duration) {
+        duration = metrics_series("dsgate_request_duration_seconds", NULL);
+    }
+    metrics_series_observe(duration, (double)(http_now_us() - r->t_start_us) / 1e6);
 }
 
 void
@@ -2222,16 +2281,15 @@ cache_directives(const struct http_req *hreq, bool *no_store, bool *no_cache)
     }
 }
 
-void
-request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const void *doc,
-              bool cache_path)
+/* A request object for HREQ, counted and linked; NULL when out of memory (answered). */
+static struct request *
+request_new(struct gateway *gw, struct http_req *hreq, enum prio prio)
 {
     struct request *r = calloc(1, sizeof(*r));
-    const struct conf *c = gw->conf;
 
     if (!r) {
         http_reply_error(hreq, 500, "internal_error", "out_of_memory", "out of memory");
-        return;
+        return NULL;
     }
     r->gw = gw;
     r->hreq = hreq;
@@ -2239,17 +2297,75 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
     r->prio = prio;
     r->t_start_us = hreq->t_start_us;
     r->cache_status = "none";
+    r->tokens[0] = r->tokens[1] = r->tokens[2] = r->tokens[3] = -1;
     snprintf(r->method, sizeof(r->method), "%s", hreq->method);
     r->path = strdup(hreq->path);
     r->target = strdup(hreq->target);
-    r->timer = evtimer_new(gw->base, timer_cb, r);
     gw->live_requests++;
     r->lnext = gw->live;
     if (gw->live) {
         gw->live->lprev = r;
     }
     gw->live = r;
-    if (!r->path || !r->target || !r->timer) {
+    if (!r->path || !r->target) {
+        fail(r, 500, "out_of_memory", "out of memory", "internal_error");
+        request_finish(r);
+        return NULL;
+    }
+    return r;
+}
+
+/* The client's credential in the cache key, or NULL (cache.shared). */
+static const char *
+cache_credential(const struct gateway *gw, const struct http_req *hreq)
+{
+    return gw->conf->cache.shared ? NULL : http_req_header(hreq, "Authorization");
+}
+
+bool
+request_fast_hit(struct gateway *gw, struct http_req *hreq, enum prio prio)
+{
+    const struct conf *c = gw->conf;
+    uint8_t raw[CACHE_KEY_LEN], key[CACHE_KEY_LEN];
+    bool no_store, no_cache;
+
+    if (!c->cache.enabled || c->cache.max_entries == 0) {
+        return false;
+    }
+    cache_directives(hreq, &no_store, &no_cache);
+    if (no_store || no_cache ||
+        cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body, hreq->body_len,
+                      cache_credential(gw, hreq), raw) < 0 ||
+        !cache_alias_get(gw->mem, raw, key)) {
+        return false;
+    }
+    struct cache_entry *e = cache_mem_get(gw->mem, key, cache_now_ms());
+    if (!e) {
+        return false;
+    }
+    struct request *r = request_new(gw, hreq, prio);
+    if (!r) {
+        cache_entry_unref(e);
+        return true;
+    }
+    r->body_len = hreq->body_len;
+    reply_entry(r, e, "memory");
+    request_finish(r);
+    return true;
+}
+
+void
+request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const void *doc,
+              bool cache_path)
+{
+    const struct conf *c = gw->conf;
+    struct request *r = request_new(gw, hreq, prio);
+
+    if (!r) {
+        return;
+    }
+    r->timer = evtimer_new(gw->base, timer_cb, r);
+    if (!r->timer) {
         fail(r, 500, "out_of_memory", "out of memory", "internal_error");
         request_finish(r);
         return;
@@ -2264,14 +2380,17 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
         r->lookup = !no_store && !no_cache;
         r->may_join = r->lookup;
         r->cache_status = no_store ? "bypass" : "miss";
-        const char *cred = c->cache.shared ? NULL : http_req_header(hreq, "Authorization");
+        const char *cred = cache_credential(gw, hreq);
+        uint8_t raw[CACHE_KEY_LEN];
         if (r->store_ok &&
             cache_key(gw->cache_group, r->method, r->target, doc, cred, r->key) < 0) {
             r->store_ok = r->lookup = r->may_join = false;
+        } else if (r->store_ok && cache_raw_key(gw->cache_group, r->method, r->target, hreq->body,
+                                                hreq->body_len, cred, raw) == 0) {
+            cache_alias_put(gw->mem, raw, r->key); /* the same bytes again skip the parse */
         }
     }
     r->body = http_req_take_body(hreq, &r->body_len);
-    r->tokens[0] = r->tokens[1] = r->tokens[2] = r->tokens[3] = -1;
     if (doc && cache_path) {
         r->tail = malloc(USAGE_TAIL); /* no tokens counted if this fails */
     }

@@ -216,6 +216,9 @@ server_handle(struct http_req *req, void *arg)
      */
     json_t *doc = NULL;
     bool cache_path = strcmp(req->method, "POST") == 0 && path_is(c, req->path);
+    if (cache_path && request_fast_hit(gw, req, prio)) {
+        return;
+    }
     if (cache_path) {
         json_error_t jerr;
         doc = json_loadb(req->body, req->body_len, 0, &jerr);

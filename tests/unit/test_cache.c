@@ -655,8 +655,9 @@ static void test_entry_corrupt_fields(void **state)
 #undef RESET
 #undef REJECT
 
+    /* decode checks the shape of a stored answer; its full validation happened
+     * when it was stored, and the checksum vouches for the bytes since */
     const char *bad_bodies[] = {
-        "{\"error\":{\"message\":\"busy\"}}",
         "\n{\"id\":\"x\"}",
         "not json",
         "",
@@ -708,24 +709,19 @@ static void test_entry_corrupt_fields(void **state)
     cache_entry_unref(e);
 }
 
-/* Every single-bit flip in the structural header is rejected. */
+/* Every single-bit flip anywhere in the record is rejected (the checksum
+ * covers header, content type and body alike). */
 static void test_entry_bit_flips(void **state)
 {
     struct cache_entry *e = entry(13, true, "text/event-stream", SSE_BODY, strlen(SSE_BODY), 99);
-    size_t len, cl = strlen("text/event-stream");
+    size_t len;
     char *good = cache_entry_encode(e, &len);
 
     (void)state;
     assert_non_null(good);
     char *b = malloc(len);
     assert_non_null(b);
-    for (size_t pos = 0; pos < OFF_CTYPE + cl + 4; pos++) {
-        if (pos >= OFF_EXPIRES && pos < OFF_KEY) {
-            continue;               /* any expiry time is a valid record */
-        }
-        if (pos >= OFF_CTYPE && pos < OFF_CTYPE + cl) {
-            continue;               /* another content type is too */
-        }
+    for (size_t pos = 0; pos < len; pos++) {
         for (int bit = 0; bit < 8; bit++) {
             memcpy(b, good, len);
             b[pos] ^= (char)(1 << bit);
@@ -736,12 +732,10 @@ static void test_entry_bit_flips(void **state)
             }
         }
     }
-    /* the expiry is carried as it is */
-    memcpy(b, good, len);
-    b[OFF_EXPIRES + 7] ^= 1;
-    struct cache_entry *d = decode(e->key, b, len);
+    /* and the untouched record still does, expiry carried as it is */
+    struct cache_entry *d = decode(e->key, good, len);
     assert_non_null(d);
-    assert_true(d->expires_ms == 98);
+    assert_true(d->expires_ms == 99);
     cache_entry_unref(d);
     free(b);
     free(good);
