@@ -138,6 +138,9 @@ void request_start(struct gateway *gw, struct http_req *req, enum prio prio, con
  */
 bool request_fast_hit(struct gateway *gw, struct http_req *req, enum prio prio);
 
+/* Cache-Control directives the client may send: no-store, no-cache. */
+void request_cache_directives(const struct http_req *req, bool *no_store, bool *no_cache);
+
 /* Set up and tear down the table of cacheable requests in flight. */
 int request_cache_setup(struct gateway *gw);
 void request_cache_free(struct gateway *gw);

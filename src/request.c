@@ -2259,9 +2259,8 @@ admit(struct request *r)
     enqueue(r);
 }
 
-/* Cache-Control directives the client may send: no-store, no-cache. */
-static void
-cache_directives(const struct http_req *hreq, bool *no_store, bool *no_cache)
+void
+request_cache_directives(const struct http_req *hreq, bool *no_store, bool *no_cache)
 {
     const char *cc = http_req_header(hreq, "Cache-Control");
 
@@ -2332,7 +2331,7 @@ request_fast_hit(struct gateway *gw, struct http_req *hreq, enum prio prio)
     if (!c->cache.enabled || c->cache.max_entries == 0) {
         return false;
     }
-    cache_directives(hreq, &no_store, &no_cache);
+    request_cache_directives(hreq, &no_store, &no_cache);
     if (no_store || no_cache ||
         cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body, hreq->body_len,
                       cache_credential(gw, hreq), raw) < 0 ||
@@ -2372,9 +2371,9 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
     }
     http_req_set_callbacks(hreq, on_client_close, on_client_drain, r);
 
-    if (doc && cache_path && c->cache.enabled) {
+    if (cache_path && c->cache.enabled) {
         bool no_store, no_cache;
-        cache_directives(hreq, &no_store, &no_cache);
+        request_cache_directives(hreq, &no_store, &no_cache);
         r->cacheable = true;
         r->store_ok = !no_store;
         r->lookup = !no_store && !no_cache;
@@ -2383,7 +2382,7 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
         const char *cred = cache_credential(gw, hreq);
         uint8_t raw[CACHE_KEY_LEN];
         if (r->store_ok &&
-            cache_key(gw->cache_group, r->method, r->target, doc, cred, r->key) < 0) {
+            (!doc || cache_key(gw->cache_group, r->method, r->target, doc, cred, r->key) < 0)) {
             r->store_ok = r->lookup = r->may_join = false;
         } else if (r->store_ok && cache_raw_key(gw->cache_group, r->method, r->target, hreq->body,
                                                 hreq->body_len, cred, raw) == 0) {
@@ -2391,7 +2390,7 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
         }
     }
     r->body = http_req_take_body(hreq, &r->body_len);
-    if (doc && cache_path) {
+    if (cache_path) {
         r->tail = malloc(USAGE_TAIL); /* no tokens counted if this fails */
     }
     const json_t *model = doc ? json_object_get(doc, "model") : NULL;

@@ -15,6 +15,7 @@
 
 #include "gateway.h"
 #include "http.h"
+#include "jscan.h"
 #include "log.h"
 #include "metrics.h"
 
@@ -219,7 +220,21 @@ server_handle(struct http_req *req, void *arg)
     if (cache_path && request_fast_hit(gw, req, prio)) {
         return;
     }
-    if (cache_path) {
+    bool no_store = false, no_cache = false;
+    request_cache_directives(req, &no_store, &no_cache);
+    bool need_doc = gw->has_aliases || (c->cache.enabled && !no_store);
+    if (cache_path && !need_doc) {
+        /* nothing needs the parsed body: check it without building it */
+        const char *what;
+        size_t at;
+        if (jscan_object(req->body, req->body_len, &what, &at) < 0) {
+            char msg[256];
+            snprintf(msg, sizeof(msg), "request body is not a valid JSON object: %s at byte %zu",
+                     what, at);
+            reject(req, prio, 400, "invalid_request_error", "invalid_json", msg);
+            return;
+        }
+    } else if (cache_path) {
         json_error_t jerr;
         doc = json_loadb(req->body, req->body_len, 0, &jerr);
         if (!doc || !json_is_object(doc)) {
