@@ -437,8 +437,8 @@ cache_mem_new(size_t max_entries, size_t max_bytes)
     }
     m->buckets = calloc(m->nbuckets, sizeof(*m->buckets));
     m->nalias = m->nbuckets * 2;
-    m->aliases = max_entries > 0 ? calloc(m->nalias, sizeof(*m->aliases)) : NULL;
-    if (!m->buckets || (max_entries > 0 && !m->aliases)) {
+    m->aliases = calloc(m->nalias, sizeof(*m->aliases)); /* also for a Redis-only cache */
+    if (!m->buckets || !m->aliases) {
         free(m->buckets);
         free(m->aliases);
         free(m);
@@ -510,9 +510,6 @@ cache_mem_configure(struct cache_mem *m, size_t max_entries, size_t max_bytes)
 {
     m->max_entries = max_entries;
     m->max_bytes = max_bytes;
-    if (max_entries > 0 && !m->aliases) {
-        m->aliases = calloc(m->nalias, sizeof(*m->aliases)); /* NULL: no shortcut */
-    }
     mem_evict(m);
 }
 

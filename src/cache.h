@@ -92,8 +92,10 @@ struct cache_entry *cache_mem_get(struct cache_mem *m, const uint8_t key[CACHE_K
 void cache_mem_put(struct cache_mem *m, struct cache_entry *e);
 size_t cache_mem_count(const struct cache_mem *m);
 /*
- * Raw key -> key, in a direct-mapped table of twice max_entries slots (at
- * least 1024; a newer pair replaces an older one in its slot).
+ * Raw key -> key, in a direct-mapped table of twice the hash buckets
+ * (at least 2048 slots of 65 bytes; a newer pair replaces an older one in
+ * its slot).  Kept even when the memory tier holds no entries, for the
+ * Redis tier.
  */
 bool cache_alias_get(const struct cache_mem *m, const uint8_t raw[CACHE_KEY_LEN],
                      uint8_t key[CACHE_KEY_LEN]);

@@ -126,17 +126,18 @@ void request_shutdown(struct gateway *gw);
 
 /*
  * Proxy an admitted request (request.c).  Takes over REQ.  DOC is its
- * parsed JSON body (borrowed) or NULL; CACHE_PATH: on cache.paths.
+ * parsed JSON body (borrowed) or NULL; CACHE_PATH: on cache.paths;
+ * KNOWN_KEY: its cache key from request_known_key(), or NULL.
  */
 void request_start(struct gateway *gw, struct http_req *req, enum prio prio, const void *doc,
-                   bool cache_path);
+                   bool cache_path, const uint8_t *known_key);
 
 /*
- * A repeated request whose exact bytes were seen before and whose answer is
- * in the memory tier: answered at once, without parsing its body.  True
- * when REQ was answered.
+ * The cache key of a request whose exact bytes were keyed before (found
+ * through a digest of the raw bytes): its body needs no parsing.  True
+ * when found.
  */
-bool request_fast_hit(struct gateway *gw, struct http_req *req, enum prio prio);
+bool request_known_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
 
 /* Cache-Control directives the client may send: no-store, no-cache. */
 void request_cache_directives(const struct http_req *req, bool *no_store, bool *no_cache);

@@ -2322,40 +2322,18 @@ cache_credential(const struct gateway *gw, const struct http_req *hreq)
 }
 
 bool
-request_fast_hit(struct gateway *gw, struct http_req *hreq, enum prio prio)
+request_known_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACHE_KEY_LEN])
 {
-    const struct conf *c = gw->conf;
-    uint8_t raw[CACHE_KEY_LEN], key[CACHE_KEY_LEN];
-    bool no_store, no_cache;
+    uint8_t raw[CACHE_KEY_LEN];
 
-    if (!c->cache.enabled || c->cache.max_entries == 0) {
-        return false;
-    }
-    request_cache_directives(hreq, &no_store, &no_cache);
-    if (no_store || no_cache ||
-        cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body, hreq->body_len,
-                      cache_credential(gw, hreq), raw) < 0 ||
-        !cache_alias_get(gw->mem, raw, key)) {
-        return false;
-    }
-    struct cache_entry *e = cache_mem_get(gw->mem, key, cache_now_ms());
-    if (!e) {
-        return false;
-    }
-    struct request *r = request_new(gw, hreq, prio);
-    if (!r) {
-        cache_entry_unref(e);
-        return true;
-    }
-    r->body_len = hreq->body_len;
-    reply_entry(r, e, "memory");
-    request_finish(r);
-    return true;
+    return cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body,
+                         hreq->body_len, cache_credential(gw, hreq), raw) == 0 &&
+           cache_alias_get(gw->mem, raw, key);
 }
 
 void
 request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const void *doc,
-              bool cache_path)
+              bool cache_path, const uint8_t *known_key)
 {
     const struct conf *c = gw->conf;
     struct request *r = request_new(gw, hreq, prio);
@@ -2381,8 +2359,10 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
         r->cache_status = no_store ? "bypass" : "miss";
         const char *cred = cache_credential(gw, hreq);
         uint8_t raw[CACHE_KEY_LEN];
-        if (r->store_ok &&
-            (!doc || cache_key(gw->cache_group, r->method, r->target, doc, cred, r->key) < 0)) {
+        if (r->store_ok && known_key) {
+            memcpy(r->key, known_key, CACHE_KEY_LEN); /* these bytes were keyed before */
+        } else if (r->store_ok && (!doc || cache_key(gw->cache_group, r->method, r->target, doc,
+                                                     cred, r->key) < 0)) {
             r->store_ok = r->lookup = r->may_join = false;
         } else if (r->store_ok && cache_raw_key(gw->cache_group, r->method, r->target, hreq->body,
                                                 hreq->body_len, cred, raw) == 0) {

@@ -217,13 +217,14 @@ server_handle(struct http_req *req, void *arg)
      */
     json_t *doc = NULL;
     bool cache_path = strcmp(req->method, "POST") == 0 && path_is(c, req->path);
-    if (cache_path && request_fast_hit(gw, req, prio)) {
-        return;
-    }
     bool no_store = false, no_cache = false;
     request_cache_directives(req, &no_store, &no_cache);
     bool need_doc = gw->has_aliases || (c->cache.enabled && !no_store);
-    if (cache_path && !need_doc) {
+    uint8_t key[32];
+    bool known = cache_path && need_doc && !gw->has_aliases && request_known_key(gw, req, key);
+    if (cache_path && known) {
+        /* the same bytes were keyed before: no need to parse them again */
+    } else if (cache_path && !need_doc) {
         /* nothing needs the parsed body: check it without building it */
         const char *what;
         size_t at;
@@ -255,6 +256,6 @@ server_handle(struct http_req *req, void *arg)
             }
         }
     }
-    request_start(gw, req, prio, doc, cache_path);
+    request_start(gw, req, prio, doc, cache_path, known ? key : NULL);
     json_decref(doc);
 }
