@@ -70,6 +70,7 @@ struct http_conn {
     bool read_paused;
     bool write_armed;
     bool write_failed; /* a write from outside an event failed */
+    bool peer_eof;     /* the client shut its side; answer what is buffered */
 
     /* the current request */
     struct http_req req;
@@ -305,13 +306,14 @@ conn_pause_read(struct http_conn *c, bool pause)
 static void
 conn_reply_done(struct http_conn *c, bool from_event)
 {
-    if (c->reply_close || !c->keep_alive || c->srv->close_idle) {
+    if (c->reply_close || !c->keep_alive || c->srv->close_idle ||
+        (c->peer_eof && evbuffer_get_length(c->in) == 0)) {
         conn_linger(c);
         return;
     }
     req_reset(c);
     c->state = CS_IDLE;
-    conn_pause_read(c, false);
+    conn_pause_read(c, c->peer_eof);
     timer_set(c, c->srv->lim.idle_timeout_ms);
     if (evbuffer_get_length(c->in) > 0) {
         if (from_event) {
@@ -973,6 +975,14 @@ conn_read_cb(evutil_socket_t fd, short what, void *arg)
         }
         break;
     }
+    bool reading = c->state == CS_IDLE || c->state == CS_HEAD || c->state == CS_BODY;
+    if (n == 0 && reading && evbuffer_get_length(c->in) > 0) {
+        /* the client sent its last requests and shut its side: answer them, then close */
+        c->peer_eof = true;
+        conn_pause_read(c, true);
+        conn_process(c);
+        return;
+    }
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
         if (c->state == CS_BUSY && c->reply_ended) {
             /* the reply is complete; finish writing it, then close */
@@ -984,6 +994,10 @@ conn_read_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     if (n < 0) {
+        /* nothing new; a pipelined request may wait in the buffer (event_active) */
+        if (reading && evbuffer_get_length(c->in) > 0) {
+            conn_process(c);
+        }
         return;
     }
     switch (c->state) {

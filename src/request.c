@@ -2363,7 +2363,8 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
             memcpy(r->key, known_key, CACHE_KEY_LEN); /* these bytes were keyed before */
         } else if (r->store_ok && (!doc || cache_key(gw->cache_group, r->method, r->target, doc,
                                                      cred, r->key) < 0)) {
-            r->store_ok = r->lookup = r->may_join = false;
+            r->store_ok = r->lookup = r->may_join = false; /* too large to key: not cached */
+            r->cache_status = "bypass";
         } else if (r->store_ok && cache_raw_key(gw->cache_group, r->method, r->target, hreq->body,
                                                 hreq->body_len, cred, raw) == 0) {
             cache_alias_put(gw->mem, raw, r->key); /* the same bytes again skip the parse */

@@ -21,6 +21,9 @@
 
 static const struct http_header json_ct[] = {{"Content-Type", "application/json"}};
 
+/* Bodies larger than this are checked but not parsed for a cache key (not cached). */
+#define CACHE_PARSE_MAX (1024 * 1024)
+
 static bool
 path_is(const struct conf *c, const char *path)
 {
@@ -219,13 +222,17 @@ server_handle(struct http_req *req, void *arg)
     bool cache_path = strcmp(req->method, "POST") == 0 && path_is(c, req->path);
     bool no_store = false, no_cache = false;
     request_cache_directives(req, &no_store, &no_cache);
-    bool need_doc = gw->has_aliases || (c->cache.enabled && !no_store);
+    /*
+     * The tree is built for the cache key and for model routing only, and
+     * for the key only up to CACHE_PARSE_MAX: a larger body is checked, not
+     * cached.  jscan checks every body first: it is strict (jansson lets a
+     * NUL end its input) and quick even for a body of megabytes.
+     */
+    bool want_key = c->cache.enabled && !no_store && req->body_len <= CACHE_PARSE_MAX;
+    bool need_doc = gw->has_aliases || want_key;
     uint8_t key[32];
-    bool known = cache_path && need_doc && !gw->has_aliases && request_known_key(gw, req, key);
-    if (cache_path && known) {
-        /* the same bytes were keyed before: no need to parse them again */
-    } else if (cache_path && !need_doc) {
-        /* nothing needs the parsed body: check it without building it */
+    bool known = cache_path && want_key && !gw->has_aliases && request_known_key(gw, req, key);
+    if (cache_path && !known) {
         const char *what;
         size_t at;
         if (jscan_object(req->body, req->body_len, &what, &at) < 0) {
@@ -235,16 +242,12 @@ server_handle(struct http_req *req, void *arg)
             reject(req, prio, 400, "invalid_request_error", "invalid_json", msg);
             return;
         }
-    } else if (cache_path) {
-        json_error_t jerr;
-        doc = json_loadb(req->body, req->body_len, 0, &jerr);
-        if (!doc || !json_is_object(doc)) {
-            char msg[256];
-            snprintf(msg, sizeof(msg), "request body is not a valid JSON object%s%s",
-                     doc ? "" : ": ", doc ? "" : jerr.text);
-            json_decref(doc);
-            reject(req, prio, 400, "invalid_request_error", "invalid_json", msg);
-            return;
+        if (need_doc) {
+            doc = json_loadb(req->body, req->body_len, 0, NULL);
+            if (doc && !json_is_object(doc)) {
+                json_decref(doc);
+                doc = NULL;
+            }
         }
     } else if (gw->has_aliases && req->body_len > 0 && strcmp(req->method, "POST") == 0) {
         const char *ct = http_req_header(req, "Content-Type");
