@@ -41,13 +41,13 @@ UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=build/asan/%)
 # Debian packages: build libraries, then what the tests use.
 DEB_BUILD := build-essential pkg-config libevent-dev libcurl4-openssl-dev libjansson-dev \
              libhiredis-dev libyaml-dev libssl-dev
-DEB_TEST  := libcmocka-dev python3-yaml
+DEB_TEST  := libcmocka-dev python3-yaml clang libclang-rt-14-dev
 # command:package pairs; a command already on PATH (for example a Node.js
 # from elsewhere) is used as it is
 DEB_TOOLS := redis-server:redis-server python3:python3 curl:curl node:nodejs npm:npm \
              promtool:prometheus systemd-analyze:systemd
 
-.PHONY: all deps run test unit integration clients install clean fuzz bench
+.PHONY: all deps run test unit integration clients install clean bench
 
 all: build/dsgate
 
@@ -113,5 +113,7 @@ install: build/dsgate
 
 clean:
 	rm -rf build
+
+include tests/fuzz/fuzz.mk
 
 -include $(OBJS:.o=.d) $(ASAN_OBJS:.o=.d)

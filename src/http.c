@@ -41,6 +41,7 @@
 #include "log.h"
 
 #define READ_CHUNK      16384
+#define MAX_CHUNK_LINE  4096   /* a chunk-size line with extensions, or a trailer line */
 #define MAX_NHEADERS    256
 #define DRAIN_LOW_WATER (64 * 1024)
 #define LINGER_MS       2000
@@ -755,16 +756,16 @@ read_body(struct http_conn *c, const char **msg)
         /* the other states read whole lines */
         struct evbuffer_ptr eol = evbuffer_search_eol(c->in, NULL, NULL, EVBUFFER_EOL_LF);
         if (eol.pos < 0) {
-            if (avail > 1024) {
-                *msg = "malformed chunked body";
+            if (avail >= MAX_CHUNK_LINE) {
+                *msg = "chunk line too long";     /* same verdict as with its end in sight */
                 return -400;
             }
             return 0;
         }
-        char line[1030];
+        char line[MAX_CHUNK_LINE + 1];
         size_t ll = (size_t)eol.pos + 1;
-        if (ll > sizeof(line) - 1) {
-            *msg = "malformed chunked body";
+        if (ll > MAX_CHUNK_LINE) {
+            *msg = "chunk line too long";
             return -400;
         }
         evbuffer_remove(c->in, line, ll);

@@ -69,9 +69,11 @@ static int
 hex4(struct scan *s)
 {
     for (int i = 0; i < 4; i++, s->p++) {
+        if (s->p >= s->end) {
+            return bad(s, "invalid \\u escape");
+        }
         unsigned char c = *s->p;
-        if (s->p >= s->end ||
-            !((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))) {
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))) {
             return bad(s, "invalid \\u escape");
         }
     }

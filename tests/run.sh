@@ -103,6 +103,10 @@ for t in tests/integration/test_*.py; do
     run_suite "$(basename "$t" .py)" timeout 300 "$PY" -u "$t"
 done
 
+# ---------------------------------------------------------------- fuzz corpus
+section "fuzz targets over their committed corpus (make fuzz-replay)"
+run_suite fuzz_replay timeout 600 make --no-print-directory fuzz-replay
+
 # ---------------------------------------------------------------- packaging
 section "packaging: tests/ops/test_packaging.sh"
 run_suite test_packaging timeout 120 bash tests/ops/test_packaging.sh
