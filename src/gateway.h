@@ -138,6 +138,8 @@ void request_start(struct gateway *gw, struct http_req *req, enum prio prio, con
  * when found.
  */
 bool request_known_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
+/* The key of a request by its exact bytes (large bodies are keyed so); 0 or -1. */
+int request_raw_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
 
 /* Cache-Control directives the client may send: no-store, no-cache. */
 void request_cache_directives(const struct http_req *req, bool *no_store, bool *no_cache);

@@ -2321,6 +2321,13 @@ cache_credential(const struct gateway *gw, const struct http_req *hreq)
     return gw->conf->cache.shared ? NULL : http_req_header(hreq, "Authorization");
 }
 
+int
+request_raw_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACHE_KEY_LEN])
+{
+    return cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body, hreq->body_len,
+                         cache_credential(gw, hreq), key);
+}
+
 bool
 request_known_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACHE_KEY_LEN])
 {
@@ -2363,7 +2370,7 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
             memcpy(r->key, known_key, CACHE_KEY_LEN); /* these bytes were keyed before */
         } else if (r->store_ok && (!doc || cache_key(gw->cache_group, r->method, r->target, doc,
                                                      cred, r->key) < 0)) {
-            r->store_ok = r->lookup = r->may_join = false; /* too large to key: not cached */
+            r->store_ok = r->lookup = r->may_join = false;
             r->cache_status = "bypass";
         } else if (r->store_ok && cache_raw_key(gw->cache_group, r->method, r->target, hreq->body,
                                                 hreq->body_len, cred, raw) == 0) {

@@ -21,8 +21,13 @@
 
 static const struct http_header json_ct[] = {{"Content-Type", "application/json"}};
 
-/* Bodies larger than this are checked but not parsed for a cache key (not cached). */
-#define CACHE_PARSE_MAX (1024 * 1024)
+/*
+ * Bodies up to this size are keyed in canonical form (parsed with jansson);
+ * larger ones by their exact bytes, so that parsing megabytes never holds
+ * the event loop (a dense 1 MiB body takes jansson about a second under
+ * ASan).  They are still checked by jscan.
+ */
+#define CACHE_PARSE_MAX (64 * 1024)
 
 static bool
 path_is(const struct conf *c, const char *path)
@@ -223,15 +228,16 @@ server_handle(struct http_req *req, void *arg)
     bool no_store = false, no_cache = false;
     request_cache_directives(req, &no_store, &no_cache);
     /*
-     * The tree is built for the cache key and for model routing only, and
-     * for the key only up to CACHE_PARSE_MAX: a larger body is checked, not
-     * cached.  jscan checks every body first: it is strict (jansson lets a
-     * NUL end its input) and quick even for a body of megabytes.
+     * The tree is built for the canonical cache key (bodies up to
+     * CACHE_PARSE_MAX) and for model routing only.  jscan checks every body
+     * first: it is strict (jansson lets a NUL end its input) and quick even
+     * for megabytes.
      */
-    bool want_key = c->cache.enabled && !no_store && req->body_len <= CACHE_PARSE_MAX;
-    bool need_doc = gw->has_aliases || want_key;
+    bool want_key = c->cache.enabled && !no_store;
+    bool canonical = want_key && req->body_len <= CACHE_PARSE_MAX;
+    bool need_doc = gw->has_aliases || canonical;
     uint8_t key[32];
-    bool known = cache_path && want_key && !gw->has_aliases && request_known_key(gw, req, key);
+    bool known = cache_path && canonical && !gw->has_aliases && request_known_key(gw, req, key);
     if (cache_path && !known) {
         const char *what;
         size_t at;
@@ -248,6 +254,9 @@ server_handle(struct http_req *req, void *arg)
                 json_decref(doc);
                 doc = NULL;
             }
+        }
+        if (want_key && !canonical) {
+            known = request_raw_key(gw, req, key) == 0; /* keyed by its exact bytes */
         }
     } else if (gw->has_aliases && req->body_len > 0 && strcmp(req->method, "POST") == 0) {
         const char *ct = http_req_header(req, "Content-Type");
