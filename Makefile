@@ -45,7 +45,7 @@ DEB_TEST  := libcmocka-dev python3-yaml clang libclang-rt-14-dev
 # command:package pairs; a command already on PATH (for example a Node.js
 # from elsewhere) is used as it is
 DEB_TOOLS := redis-server:redis-server python3:python3 curl:curl node:nodejs npm:npm \
-             promtool:prometheus systemd-analyze:systemd
+             promtool:prometheus systemd-analyze:systemd openssl:openssl prlimit:util-linux
 
 .PHONY: all deps run test unit integration clients install clean bench
 

@@ -1120,10 +1120,11 @@ def t_json_dense_1mib():
     tree on the event loop for the cache key.  A /healthz sent meanwhile
     must be answered within 300 ms; peak RSS is reported.
 
-    Found failing at 622dbe9: the parse of one such body holds the loop
-    ~0.33 s in the optimised build (~1 s under ASan) and takes ~80 MiB
+    Found failing at 622dbe9: the parse of one such body held the loop
+    ~0.33 s in the optimised build (~1 s under ASan) and took ~80 MiB
     (~160 MiB under ASan), kept by the allocator afterwards; a client
-    uploading such bodies back to back keeps the daemon busy."""
+    uploading such bodies back to back kept the daemon busy.  Fixed in
+    eff0860 (bodies over 64 KiB are keyed by their bytes, not parsed)."""
     f = fake(name="dense")
     d = dsgate("dense", f.url, limits={"max_body": "8MB"}, cache={"enabled": "true"})
     n = (1024 * 1024 - 64) // 3
