@@ -93,7 +93,6 @@ struct gateway {
     struct fleet *fleet;     /* fleet mode, or NULL */
     char *cache_group;       /* upstream names, part of every cache key */
     struct flight **flights; /* cacheable requests in flight, by key */
-    size_t nflight_buckets;
     struct retry_budget budget;
     size_t live_requests;
     struct request *live; /* every request not yet finished */

@@ -2410,7 +2410,6 @@ int
 request_cache_setup(struct gateway *gw)
 {
     gw->flights = calloc(FLIGHT_BUCKETS, sizeof(*gw->flights));
-    gw->nflight_buckets = FLIGHT_BUCKETS;
     return gw->flights ? 0 : -1;
 }
 

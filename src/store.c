@@ -90,12 +90,6 @@ store_configure(struct store *s, const char *prefix, int64_t timeout_ms)
     s->timeout_ms = timeout_ms;
 }
 
-bool
-store_connected(const struct store *s)
-{
-    return rlink_up(s->link);
-}
-
 void
 store_free(struct store *s)
 {

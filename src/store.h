@@ -43,6 +43,4 @@ void store_put(struct store *s, const struct cache_entry *e, int64_t ttl_ms);
 void store_put_then(struct store *s, const struct cache_entry *e, int64_t ttl_ms,
                     void (*fn)(void *arg, bool ok), void *arg);
 
-bool store_connected(const struct store *s);
-
 #endif

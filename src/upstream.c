@@ -31,7 +31,6 @@ struct upstream_ctx {
     struct event *timer;
     CURL *free_easy[FREE_EASY_MAX];
     size_t nfree;
-    size_t active;
 };
 
 struct up_xfer {
@@ -202,7 +201,6 @@ check_done(struct upstream_ctx *ctx)
         CURLcode rc = msg->data.result;
         curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&x);
         curl_multi_remove_handle(ctx->multi, easy);
-        ctx->active--;
         enum up_result res = x->aborted ? UP_ABORTED : classify(rc);
         if (res == UP_OK && !x->head_done) {
             res = UP_BROKEN;
@@ -379,7 +377,6 @@ upstream_start(struct upstream_ctx *ctx, const struct up_request *rq, const stru
         xfer_release(x);
         return NULL;
     }
-    ctx->active++;
     return x;
 }
 
@@ -390,7 +387,6 @@ upstream_cancel(struct up_xfer *x)
         return;
     }
     curl_multi_remove_handle(x->ctx->multi, x->easy);
-    x->ctx->active--;
     xfer_release(x);
 }
 
@@ -402,12 +398,6 @@ upstream_pause(struct up_xfer *x, bool pause)
     }
     x->paused = pause;
     curl_easy_pause(x->easy, pause ? CURLPAUSE_RECV : CURLPAUSE_CONT);
-}
-
-size_t
-upstream_active(const struct upstream_ctx *ctx)
-{
-    return ctx->active;
 }
 
 struct upstream_ctx *

@@ -65,8 +65,6 @@ struct up_xfer *upstream_start(struct upstream_ctx *ctx, const struct up_request
 void upstream_cancel(struct up_xfer *x);
 /* Pause or resume receiving (back-pressure). Resuming may call on_data at once. */
 void upstream_pause(struct up_xfer *x, bool pause);
-/* Transfers in flight. */
-size_t upstream_active(const struct upstream_ctx *ctx);
 
 const char *upstream_result_name(enum up_result r);
 
