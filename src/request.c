@@ -133,7 +133,10 @@ struct request {
     struct gw_upstream *up;
     struct up_xfer *xfer;
     const char *fwd[MAX_FWD_HEADERS + 8];
-    struct evbuffer *hstore; /* storage for the forwarded header lines */
+    struct evbuffer *hstore; /* storage for the client's header lines */
+    const char *chdr[MAX_FWD_HEADERS]; /* those lines, "Name: value" */
+    size_t nchdr;
+    bool have_ct, have_accept;
     struct event *timer;
     enum req_timer timer_kind;
     struct sse_scan scan;
@@ -256,21 +259,18 @@ is_own_request_header(const char *name)
 }
 
 /*
- * The forwarded request headers: client headers minus hop-by-hop, framing,
- * Host and dsgate's own; Authorization replaced when a key is configured.
+ * The client's headers that may go upstream, copied once when the request
+ * starts: minus hop-by-hop, framing, Host and dsgate's own.  Attempts are
+ * built from this copy, never from the client's request, because a leader
+ * whose client left goes on for its followers without one.
  */
 static int
-build_forward_headers(struct request *r)
+snapshot_headers(struct request *r, const struct http_req *hr)
 {
-    const struct http_req *hr = r->hreq;
     const char *conn = http_req_header(hr, "Connection");
+    size_t offs[MAX_FWD_HEADERS];
     size_t n = 0;
-    bool have_ct = false, have_accept = false;
-    size_t offs[MAX_FWD_HEADERS + 8];
 
-    if (r->hstore) {
-        evbuffer_free(r->hstore);
-    }
     r->hstore = evbuffer_new();
     if (!r->hstore) {
         return -1;
@@ -282,16 +282,13 @@ build_forward_headers(struct request *r)
             strcasecmp(name, "Expect") == 0 || is_own_request_header(name)) {
             continue;
         }
-        if (r->up->auth_header && strcasecmp(name, "Authorization") == 0) {
-            continue;
-        }
         if (r->cacheable && strcasecmp(name, "Accept-Encoding") == 0) {
             continue; /* shared and cached answers stay uncompressed */
         }
         if (strcasecmp(name, "Content-Type") == 0) {
-            have_ct = true;
+            r->have_ct = true;
         } else if (strcasecmp(name, "Accept") == 0) {
-            have_accept = true;
+            r->have_accept = true;
         }
         offs[n++] = evbuffer_get_length(r->hstore);
         const char *value = hr->headers[i].value;
@@ -303,25 +300,42 @@ build_forward_headers(struct request *r)
             evbuffer_add(r->hstore, ";", 2); /* curl's way to send it empty */
         }
     }
-    /* suppress what libcurl would add on its own */
-    static const char *const quiet[] = {"Expect:", "Content-Type:", "Accept:"};
-    for (size_t i = 0; i < 3; i++) {
-        if ((i == 1 && have_ct) || (i == 2 && have_accept)) {
-            continue;
-        }
-        offs[n++] = evbuffer_get_length(r->hstore);
-        evbuffer_add(r->hstore, quiet[i], strlen(quiet[i]) + 1);
-    }
-    if (r->up->auth_header) {
-        offs[n++] = evbuffer_get_length(r->hstore);
-        evbuffer_add(r->hstore, r->up->auth_header, strlen(r->up->auth_header) + 1);
-    }
     const char *base = (const char *)evbuffer_pullup(r->hstore, -1);
     for (size_t i = 0; i < n; i++) {
-        r->fwd[i] = base + offs[i];
+        r->chdr[i] = base + offs[i];
+    }
+    r->nchdr = n;
+    return 0;
+}
+
+/*
+ * The forwarded request headers for the current upstream: the client's
+ * copy, with Authorization replaced when the upstream has a key.
+ */
+static void
+build_forward_headers(struct request *r)
+{
+    size_t n = 0;
+
+    for (size_t i = 0; i < r->nchdr; i++) {
+        if (r->up->auth_header && strncasecmp(r->chdr[i], "Authorization", 13) == 0 &&
+            (r->chdr[i][13] == ':' || r->chdr[i][13] == ';')) {
+            continue;
+        }
+        r->fwd[n++] = r->chdr[i];
+    }
+    /* suppress what libcurl would add on its own */
+    r->fwd[n++] = "Expect:";
+    if (!r->have_ct) {
+        r->fwd[n++] = "Content-Type:";
+    }
+    if (!r->have_accept) {
+        r->fwd[n++] = "Accept:";
+    }
+    if (r->up->auth_header) {
+        r->fwd[n++] = r->up->auth_header;
     }
     r->fwd[n] = NULL;
-    return 0;
 }
 
 /* ---- timers, slots, queue ------------------------------------------------ */
@@ -459,8 +473,10 @@ reply_auth_blocked(struct request *r, struct gw_upstream *u)
     h[3] = (struct http_header){"X-Dsgate-Upstream", u->conf->name};
     r->status = u->auth_status;
     r->end = "circuit_open";
-    http_reply(r->hreq, u->auth_status, h, 4, u->auth_body, u->auth_body_len);
-    r->hreq = NULL;
+    if (r->hreq) {
+        http_reply(r->hreq, u->auth_status, h, 4, u->auth_body, u->auth_body_len);
+        r->hreq = NULL;
+    }
 }
 
 /* Is there an eligible upstream, other than those tried, whose circuit lets a request through? */
@@ -1990,7 +2006,8 @@ attempt(struct request *r, struct gw_upstream *up)
             gw_upstream_unref(r->up);
         }
         r->up = up;
-        if (build_forward_headers(r) < 0 || rename_model(r) < 0) {
+        build_forward_headers(r);
+        if (rename_model(r) < 0) {
             fail(r, 500, "out_of_memory", "out of memory", "internal_error");
             request_finish(r);
             return;
@@ -2376,6 +2393,11 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
                                                 hreq->body_len, cred, raw) == 0) {
             cache_alias_put(gw->mem, raw, r->key); /* the same bytes again skip the parse */
         }
+    }
+    if (snapshot_headers(r, hreq) < 0) {
+        fail(r, 500, "out_of_memory", "out of memory", "internal_error");
+        request_finish(r);
+        return;
     }
     r->body = http_req_take_body(hreq, &r->body_len);
     if (cache_path) {
