@@ -20,7 +20,6 @@
 #include <event2/event.h>
 #include <hiredis/hiredis.h>
 
-#include "gateway.h"
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
@@ -132,7 +131,7 @@ struct fleet_wait {
 };
 
 struct fleet {
-    struct gateway *gw;
+    struct fleet_hooks hooks;
     struct event_base *base;
     struct rlink *cmd;
     struct rlink *sub;
@@ -367,7 +366,7 @@ on_acquire(redisAsyncContext *ac, void *r, void *priv)
     free(ctx);
     update_gauges(f);
     if (got > 0) {
-        request_pump(f->gw);
+        f->hooks.capacity(f->hooks.arg);
     } else if (!evtimer_pending(f->retry, NULL)) {
         struct timeval tv = {0, RETRY_MS * 1000};
         evtimer_add(f->retry, &tv);
@@ -495,7 +494,7 @@ retry_cb(evutil_socket_t fd, short what, void *arg)
 
     (void)fd;
     (void)what;
-    request_pump(f->gw);
+    f->hooks.capacity(f->hooks.arg);
 }
 
 /* ---- coalescing -------------------------------------------------------- */
@@ -660,8 +659,8 @@ on_message(void *arg, const char *channel, const char *msg, size_t len)
 
     (void)channel;
     if (len > 5 && strncmp(msg, "free ", 5) == 0) {
-        if (f->gw->queue.total > 0) {
-            request_pump(f->gw);
+        if (f->hooks.waiting(f->hooks.arg) > 0) {
+            f->hooks.capacity(f->hooks.arg);
         }
         return;
     }
@@ -703,8 +702,7 @@ on_cmd_state(void *arg, bool up)
         }
     }
     update_gauges(f);
-    gateway_refresh_limits(f->gw);
-    request_pump(f->gw);
+    f->hooks.mode(f->hooks.arg);
 }
 
 void
@@ -715,7 +713,8 @@ fleet_configure(struct fleet *f, int64_t lease_ttl_ms, int fallback_instances)
 }
 
 struct fleet *
-fleet_new(struct gateway *gw, const char *url, int64_t lease_ttl_ms, int fallback_instances)
+fleet_new(struct event_base *base, const struct fleet_hooks *hooks, const char *url,
+          int64_t lease_ttl_ms, int fallback_instances)
 {
     struct fleet *f = calloc(1, sizeof(*f));
     struct timespec ts;
@@ -723,8 +722,8 @@ fleet_new(struct gateway *gw, const char *url, int64_t lease_ttl_ms, int fallbac
     if (!f) {
         return NULL;
     }
-    f->gw = gw;
-    f->base = gw->base;
+    f->hooks = *hooks;
+    f->base = base;
     fleet_configure(f, lease_ttl_ms, fallback_instances);
     clock_gettime(CLOCK_REALTIME, &ts);
     snprintf(f->instance, sizeof(f->instance), "%lx-%x", (long)ts.tv_sec ^ (long)ts.tv_nsec,
@@ -787,7 +786,7 @@ fleet_free(struct fleet *f)
 void
 fleet_trim(struct fleet *f)
 {
-    if (!f || f->gw->queue.total > 0) {
+    if (!f || f->hooks.waiting(f->hooks.arg) > 0) {
         return;
     }
     for (struct fleet_up *fu = f->ups; fu; fu = fu->next) {

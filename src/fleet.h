@@ -40,11 +40,24 @@ struct event_base;
 struct fleet;
 struct fleet_up;
 struct fleet_wait;
-struct gateway;
 
-/* NULL when the URL is unusable (logged). */
-struct fleet *fleet_new(struct gateway *gw, const char *url, int64_t lease_ttl_ms,
-                        int fallback_instances);
+/*
+ * What the fleet tells its owner (the gateway): it never calls the
+ * request machinery by name.
+ */
+struct fleet_hooks {
+    /* Leases were granted or freed elsewhere: queued requests may go. */
+    void (*capacity)(void *arg);
+    /* Fleet mode went into or out of fallback: local caps change, then capacity. */
+    void (*mode)(void *arg);
+    /* How many requests wait locally (0: granted leases may be given back). */
+    size_t (*waiting)(void *arg);
+    void *arg;
+};
+
+/* NULL when the URL is unusable (logged).  HOOKS is copied. */
+struct fleet *fleet_new(struct event_base *base, const struct fleet_hooks *hooks, const char *url,
+                        int64_t lease_ttl_ms, int fallback_instances);
 /* Settings that a reload may change. */
 void fleet_configure(struct fleet *f, int64_t lease_ttl_ms, int fallback_instances);
 /* Release granted leases when nothing waits any more (after a pump). */

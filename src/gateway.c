@@ -16,6 +16,7 @@
 #include <event2/event.h>
 
 #include "cache.h"
+#include "dispatch.h"
 #include "fleet.h"
 #include "gateway.h"
 #include "http.h"
@@ -153,6 +154,28 @@ cache_group_of(const struct conf *c)
     return g;
 }
 
+/* The fleet's hooks: leases came or went, the mode changed, who waits. */
+static void
+fleet_capacity(void *arg)
+{
+    dispatch_pump(arg);
+}
+
+static void
+fleet_mode(void *arg)
+{
+    gateway_refresh_limits(arg);
+    dispatch_pump(arg);
+}
+
+static size_t
+fleet_waiting(void *arg)
+{
+    const struct gateway *gw = arg;
+
+    return gw->queue.total;
+}
+
 int
 gateway_apply(struct gateway *gw, struct conf *c)
 {
@@ -174,8 +197,11 @@ gateway_apply(struct gateway *gw, struct conf *c)
 
     /* fleet mode starts with the process (fleet.redis needs a restart) */
     if (!gw->cref && c->fleet.redis[0]) {
-        gw->fleet =
-            fleet_new(gw, c->fleet.redis, c->fleet.lease_ttl_ms, c->fleet.fallback_instances);
+        static const struct fleet_hooks hooks0 = {fleet_capacity, fleet_mode, fleet_waiting, NULL};
+        struct fleet_hooks hooks = hooks0;
+        hooks.arg = gw;
+        gw->fleet = fleet_new(gw->base, &hooks, c->fleet.redis, c->fleet.lease_ttl_ms,
+                              c->fleet.fallback_instances);
         if (!gw->fleet) {
             log_msg(LOG_ERROR, "fleet.redis cannot be used; fleet mode is off");
         }
@@ -204,7 +230,7 @@ gateway_apply(struct gateway *gw, struct conf *c)
             u->gw = gw;
             sched_limit_init(&u->limit, local_max, uc->adaptive);
             circuit_init(&u->circuit);
-            u->wake = evtimer_new(gw->base, request_wake_cb, u);
+            u->wake = evtimer_new(gw->base, dispatch_wake_cb, u);
         }
         u->conf = uc;
         u->cref = cref;

@@ -1,6 +1,7 @@
 /*
  * gateway: the state of one running dsgate process, shared by the modules
- * that serve requests (server.c admits, request.c proxies).
+ * that serve requests (server.c admits, request.c proxies), and the
+ * applying of a configuration to it (start-up and reload).
  *
  * The struct conf is immutable; a reload replaces the pointer.  Run-time
  * state that must outlive a reload (per-upstream counters) lives in
@@ -24,7 +25,9 @@ struct cache_mem;
 struct event_base;
 struct fleet;
 struct fleet_up;
-struct flight;
+struct dispatch_ops;
+struct event;
+struct flight_table;
 struct http_server;
 struct store;
 struct http_req;
@@ -92,10 +95,14 @@ struct gateway {
     struct store *store;     /* Redis tier, or NULL */
     struct fleet *fleet;     /* fleet mode, or NULL */
     char *cache_group;       /* upstream names, part of every cache key */
-    struct flight **flights; /* cacheable requests in flight, by key */
+    struct flight_table *flights; /* cacheable requests in flight, by key */
+    const struct dispatch_ops *dispatch_ops; /* how dispatch.c tells request.c */
     struct retry_budget budget;
     size_t live_requests;
-    struct request *live; /* every request not yet finished */
+    struct request *live;    /* every request not yet ended */
+    struct request *pending; /* to be dispatched again by the loop (REQ_PENDING) */
+    struct request *reap;    /* ended, to be freed by the loop (REQ_DONE) */
+    struct event *later;     /* runs the two lists above */
     bool draining;
 };
 
@@ -112,59 +119,5 @@ struct http_limits;
 void gateway_limits(const struct conf *c, struct http_limits *l);
 void gw_upstream_ref(struct gw_upstream *u);
 void gw_upstream_unref(struct gw_upstream *u);
-
-/* The front door: every request from http.c lands here. */
-void server_handle(struct http_req *req, void *arg);
-/* http.c refused a request itself (framing, limits): log and count it. */
-void server_on_http_reject(const struct http_req *req, int status, const char *code, void *arg);
-/* admin_listen: only /metrics, /healthz and /readyz. */
-void server_handle_admin(struct http_req *req, void *arg);
-
-/* At exit: every request still queued or in flight gets an answer now. */
-void request_shutdown(struct gateway *gw);
-
-/*
- * Proxy an admitted request (request.c).  Takes over REQ.  DOC is its
- * parsed JSON body (borrowed) or NULL; CACHE_PATH: on cache.paths;
- * KNOWN_KEY: its cache key from request_known_key(), or NULL.
- */
-void request_start(struct gateway *gw, struct http_req *req, enum prio prio, const void *doc,
-                   bool cache_path, const uint8_t *known_key);
-
-/*
- * The cache key of a request whose exact bytes were keyed before (found
- * through a digest of the raw bytes): its body needs no parsing.  True
- * when found.
- */
-bool request_known_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
-/* The key of a request by its exact bytes (large bodies are keyed so); 0 or -1. */
-int request_raw_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
-
-/* Cache-Control directives the client may send: no-store, no-cache. */
-void request_cache_directives(const struct http_req *req, bool *no_store, bool *no_cache);
-
-/* Set up and tear down the table of cacheable requests in flight. */
-int request_cache_setup(struct gateway *gw);
-void request_cache_free(struct gateway *gw);
-
-/*
- * A request answered without being proxied (refused by the server or the
- * HTTP layer): its access-log line and its count.  END says why.
- */
-void request_note_reject(const struct http_req *req, enum prio prio, int status, const char *end);
-
-/* Start queued requests while upstream slots are free. */
-void request_pump(struct gateway *gw);
-
-/* GET /v1/models answered from every upstream's list and the aliases (models.c). */
-bool models_wanted(const struct gateway *gw, const struct http_req *req);
-void models_handle(struct gateway *gw, struct http_req *req);
-void models_free(void);
-
-/* Timer callback of gw_upstream.wake: an open circuit may let requests through. */
-void request_wake_cb(evutil_socket_t fd, short what, void *arg);
-
-/* Publish the queue and limiter gauges. */
-void request_update_gauges(struct gateway *gw);
 
 #endif

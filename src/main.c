@@ -26,10 +26,14 @@
 #include <event2/event.h>
 
 #include "conf.h"
+#include "dispatch.h"
 #include "gateway.h"
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
+#include "models.h"
+#include "request.h"
+#include "server.h"
 #include "upstream.h"
 
 #ifndef DSGATE_VERSION
@@ -197,7 +201,7 @@ signal_hup_cb(evutil_socket_t sig, short what, void *arg)
         log_msg(LOG_INFO, "reloaded %s: %zu upstream(s)", conf_file ? conf_file : "(built-in)",
                 gw.nups);
     }
-    request_pump(&gw); /* new limits may let queued requests go */
+    dispatch_pump(&gw); /* new limits may let queued requests go */
     notify("READY=1");
 }
 
@@ -326,7 +330,7 @@ main(int argc, char **argv)
         return 1;
     }
     gw.up = upstream_ctx_new(gw.base);
-    if (!gw.up || request_cache_setup(&gw) < 0 || gateway_apply(&gw, c) < 0) {
+    if (!gw.up || request_setup(&gw) < 0 || gateway_apply(&gw, c) < 0) {
         log_msg(LOG_ERROR, "cannot set up the gateway");
         return 1;
     }
@@ -365,7 +369,7 @@ main(int argc, char **argv)
     http_server_free(gw.srv);
     http_server_free(admin_srv);
     upstream_ctx_free(gw.up);
-    request_cache_free(&gw);
+    request_teardown(&gw);
     gateway_free(&gw);
     event_free(ev_term);
     event_free(ev_int);

@@ -16,6 +16,7 @@
 #include "gateway.h"
 #include "http.h"
 #include "log.h"
+#include "models.h"
 #include "upstream.h"
 
 #define MODELS_TTL_MS   60000

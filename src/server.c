@@ -13,11 +13,16 @@
 #include <event2/event.h>
 #include <jansson.h>
 
+#include "access.h"
+#include "dispatch.h"
 #include "gateway.h"
 #include "http.h"
 #include "jscan.h"
 #include "log.h"
 #include "metrics.h"
+#include "models.h"
+#include "request.h"
+#include "server.h"
 
 static const struct http_header json_ct[] = {{"Content-Type", "application/json"}};
 
@@ -84,7 +89,7 @@ reply_metrics(struct gateway *gw, struct http_req *req)
         http_reply_error(req, 500, "internal_error", "out_of_memory", "out of memory");
         return;
     }
-    request_update_gauges(gw);
+    dispatch_update_gauges(gw);
     metrics_render(b);
     size_t len = evbuffer_get_length(b);
     http_reply(req, 200, ct, 1, evbuffer_pullup(b, -1), len);
@@ -149,12 +154,33 @@ own_endpoint(struct gateway *gw, struct http_req *req)
     return false;
 }
 
+/* A request answered without being proxied: its access-log line and its count. */
+static void
+note_refused(const struct http_req *req, enum prio prio, int status, const char *code)
+{
+    struct access_rec a = {
+        .id = req->id,
+        .method = req->method ? req->method : "-",
+        .path = req->path ? req->path : "-",
+        .status = status,
+        .prio = prio,
+        .cache = CS_NONE,
+        .upstream = "",
+        .first_data_ms = -1,
+        .t_start_us = req->t_start_us ? req->t_start_us : http_now_us(),
+        .bytes_in = req->body_len,
+        .end = END_REFUSED,
+        .code = code,
+    };
+    access_note(&a);
+}
+
 /* Refuse REQ with an OpenAI-shaped error, logged and counted like any request. */
 static void
 reject(struct http_req *req, enum prio prio, int status, const char *type, const char *code,
        const char *msg)
 {
-    request_note_reject(req, prio, status, code);
+    note_refused(req, prio, status, code);
     http_reply_error(req, status, type, code, msg);
 }
 
@@ -163,7 +189,7 @@ server_on_http_reject(const struct http_req *req, int status, const char *code, 
 {
     const struct gateway *gw = arg;
 
-    request_note_reject(req, gw->conf->queue.default_priority, status, code);
+    note_refused(req, gw->conf->queue.default_priority, status, code);
 }
 
 void

@@ -20,6 +20,7 @@
 #include <curl/curl.h>
 #include <event2/event.h>
 
+#include "http.h"
 #include "log.h"
 
 #define FREE_EASY_MAX    64

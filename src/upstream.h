@@ -18,9 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "http.h"
-
 struct event_base;
+struct http_header;
 struct upstream_ctx;
 struct up_xfer;
 

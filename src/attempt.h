@@ -1,0 +1,153 @@
+/*
+ * attempt: one try of a request against one upstream.
+ *
+ * It builds what goes upstream (URL, the client's headers with the
+ * upstream's key, the body with the model renamed for an aliased
+ * upstream), runs the transfer, and turns what comes back into what the
+ * owner passes on: the reply head without hop-by-hop and framing headers
+ * (a non-stream answer's head held until its first data byte, leading
+ * keep-alive white space dropped), the body with the model renamed back,
+ * and the token counts of the answer's "usage".  It keeps the body of a
+ * 401/402/403 for the upstream to replay while its circuit is open.
+ *
+ * The owner decides; the attempt reports through struct attempt_ops:
+ * head (take, drop for a retry, or abort), blocked (back-pressure),
+ * start (the reply head), data, and done with an attempt_result.  No
+ * callback runs after attempt_cancel().
+ */
+#ifndef DSGATE_ATTEMPT_H
+#define DSGATE_ATTEMPT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "route.h"
+
+#define ATTEMPT_MAX_HEADERS 128
+
+struct evbuffer;
+struct gw_upstream;
+struct http_header;
+struct up_xfer;
+struct upstream_ctx;
+
+/* How an attempt ended; the last two are the owner's deadlines. */
+enum attempt_outcome {
+    ATT_OK,          /* a complete answer was passed on */
+    ATT_DROPPED,     /* a complete answer read and dropped: its head asked for a retry */
+    ATT_CONNECT,     /* DNS, refused, TLS: nothing exchanged */
+    ATT_TIMEOUT,     /* curl's connect or total timeout */
+    ATT_BROKEN,      /* reset, truncated or unparsable answer */
+    ATT_LATE_STATUS, /* a non-200 head after an earlier attempt started the reply */
+    ATT_ABORTED,     /* the owner stopped it (nobody wants the answer) */
+    ATT_FIRST_DATA,  /* no data byte within timeouts.first_data */
+    ATT_IDLE,        /* a stream silent beyond timeouts.idle */
+    ATT_OUTCOMES
+};
+
+struct attempt_result {
+    enum attempt_outcome outcome;
+    int status; /* of the head, 0 when none came */
+    const char *detail;
+};
+
+/* The owner's verdict on a head. */
+enum attempt_head {
+    AH_TAKE,     /* pass this answer on (start() follows) */
+    AH_CONTINUE, /* the reply already started: pass the body on without a head */
+    AH_DROP,     /* read and drop the body; a retry follows */
+    AH_ABORT,    /* a late status: stop now (done() follows with ATT_LATE_STATUS) */
+    AH_GONE,     /* nobody wants the answer: stop (done() follows with ATT_ABORTED) */
+};
+
+struct attempt_head_info {
+    int status;
+    int64_t retry_after_ms; /* -1: none */
+    const char *ctype;      /* NULL: none */
+    bool sse;
+};
+
+struct attempt_ops {
+    enum attempt_head (*head)(void *owner, const struct attempt_head_info *h);
+    /* True when the receiver is full: the transfer pauses until attempt_resume(). */
+    bool (*blocked)(void *owner);
+    /* The reply head: HDRS has room for REPLY headers more after N; CLEN -1: unknown. */
+    void (*start)(void *owner, int status, struct http_header *hdrs, size_t n, int64_t clen);
+    /* Answer bytes; UP_CONTINUE or UP_ABORT. */
+    int (*data)(void *owner, const char *p, size_t len);
+    void (*done)(void *owner, const struct attempt_result *res);
+};
+
+/* What the request gives each attempt (borrowed for the attempt's life). */
+struct attempt_spec {
+    const char *method;
+    const char *target; /* path and query */
+    const char *body;
+    size_t body_len;
+    const char *model; /* the client's model, or NULL */
+    json_t *doc;       /* the parsed body when a model may be renamed, or NULL */
+    const char *const *chdr; /* the client's forwardable header lines */
+    size_t nchdr;
+    bool have_ct, have_accept;
+    bool count_usage; /* keep the answer's tail for its "usage" */
+};
+
+struct attempt {
+    struct gw_upstream *up; /* referenced; the last upstream tried */
+    struct up_xfer *xfer;   /* NULL when no transfer runs */
+    const struct attempt_ops *ops;
+    void *owner;
+    char *url;
+    const char *fwd[ATTEMPT_MAX_HEADERS + 8];
+    int status;
+    bool dropping; /* this answer is read and dropped */
+    bool aborted_late;
+    bool paused;
+    /* a non-stream head, held until the first data byte: "name\0value\0" */
+    struct evbuffer *dhead;
+    size_t dhead_n;
+    int64_t dhead_clen;
+    size_t ws_dropped;
+    bool head_deferred;
+    /* the body with the model renamed for this upstream, and the way back */
+    char *send_body;
+    size_t send_len;
+    struct model_rewrite mrw;
+    bool rewriting;
+    /* a 401/402/403 answer, kept for replay while the circuit is open */
+    bool auth_failed;
+    struct evbuffer *errbody;
+    /* token accounting from the answer's "usage" */
+    char *tail;
+    size_t tail_len;
+    int64_t tokens[4]; /* prompt, completion, cache hit, cache miss; -1: unknown */
+};
+
+void attempt_init(struct attempt *a);
+/*
+ * Start a try against UP (referenced while it is the attempt's upstream).
+ * 0, or -1 when it could not start (nothing will be called back).
+ */
+int attempt_start(struct attempt *a, struct upstream_ctx *ctx, struct gw_upstream *up,
+                  const struct attempt_spec *spec, const struct attempt_ops *ops, void *owner);
+bool attempt_running(const struct attempt *a);
+/* Stop the transfer, if any; no callback runs afterwards. */
+void attempt_cancel(struct attempt *a);
+/* The receiver drained: a paused transfer goes on (may deliver data at once). */
+void attempt_resume(struct attempt *a);
+/* Release everything, the upstream reference too. */
+void attempt_free(struct attempt *a);
+
+/*
+ * May a client header called NAME go upstream?  Not hop-by-hop, framing,
+ * Host or dsgate's own; CONNECTION is the client's Connection header.
+ */
+bool attempt_header_forwardable(const char *name, const char *connection);
+
+/* The outcome's name in dsgate_upstream_attempts_total (OK and DROPPED: by status). */
+const char *attempt_outcome_label(enum attempt_outcome o, int status);
+
+#endif

@@ -1,0 +1,371 @@
+/*
+ * dispatch: queues, the choice of upstream, slots and leases, and the
+ * feedback of attempt outcomes to breakers and limits (see dispatch.h).
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include <event2/event.h>
+
+#include "dispatch.h"
+#include "fleet.h"
+#include "gateway.h"
+#include "http.h"
+#include "log.h"
+#include "metrics.h"
+#include "request.h"
+#include "route.h"
+#include "sched.h"
+
+/* What a candidate upstream must be. */
+enum {
+    C_USABLE = 1,      /* its circuit lets a request through */
+    C_SLOT = 2,        /* below its concurrency limit */
+    C_LEASE = 4,       /* in fleet mode: a lease is ready */
+    C_UNTRIED = 8,     /* has not failed this request since the last backoff */
+    C_WANTS_LEASE = 16 /* in fleet mode: has no lease ready */
+};
+
+static bool
+eligible(const struct request *r, const struct gw_upstream *u)
+{
+    return !r->model || route_model_for(u->conf, r->model) != NULL;
+}
+
+/*
+ * The one filter over the upstreams: indexes of those that take the
+ * request and meet NEED, in configuration order.  Returns how many.
+ */
+static size_t
+candidates(const struct request *r, unsigned need, size_t out[ROUTE_MAX_UPSTREAMS])
+{
+    const struct gateway *gw = r->gw;
+    int64_t now = http_now_us();
+    bool fleet = fleet_active(gw->fleet);
+    size_t n = 0;
+
+    for (size_t i = 0; i < gw->nups; i++) {
+        struct gw_upstream *u = gw->ups[i];
+        if (!eligible(r, u) || ((need & C_USABLE) && !circuit_usable(&u->circuit, now)) ||
+            ((need & C_SLOT) && !sched_limit_available(&u->limit)) ||
+            ((need & C_LEASE) && fleet && !fleet_lease_ready(u->fleet)) ||
+            ((need & C_UNTRIED) && (r->tried & ((uint64_t)1 << i))) ||
+            ((need & C_WANTS_LEASE) && (!u->fleet || fleet_lease_ready(u->fleet)))) {
+            continue;
+        }
+        out[n++] = i;
+    }
+    return n;
+}
+
+bool
+dispatch_any_eligible(const struct request *r)
+{
+    size_t c[ROUTE_MAX_UPSTREAMS];
+
+    return candidates(r, 0, c) > 0;
+}
+
+struct gw_upstream *
+dispatch_auth_blocked(const struct request *r)
+{
+    size_t c[ROUTE_MAX_UPSTREAMS];
+    size_t n = candidates(r, 0, c);
+    struct gw_upstream *answer = NULL;
+    int64_t now = http_now_us();
+
+    for (size_t i = 0; i < n; i++) {
+        struct gw_upstream *u = r->gw->ups[c[i]];
+        if (!u->circuit.auth || circuit_usable(&u->circuit, now)) {
+            return NULL;
+        }
+        if (!answer && u->auth_body) {
+            answer = u;
+        }
+    }
+    return answer;
+}
+
+bool
+dispatch_alternative(struct request *r)
+{
+    size_t c[ROUTE_MAX_UPSTREAMS];
+
+    r->tried |= (uint64_t)1 << r->att.up->idx;
+    return candidates(r, C_USABLE | C_UNTRIED, c) > 0;
+}
+
+void
+dispatch_forget_tried(struct request *r)
+{
+    r->tried = 0;
+}
+
+/*
+ * The upstream to use now, or NULL when every candidate is at its limit or
+ * its circuit is open.  Untried upstreams first (a retry moves on).
+ */
+static struct gw_upstream *
+pick_upstream(struct gateway *gw, struct request *r)
+{
+    size_t cand[ROUTE_MAX_UPSTREAMS], fresh[ROUTE_MAX_UPSTREAMS];
+    size_t n = candidates(r, C_USABLE | C_SLOT | C_LEASE, cand), nf = 0;
+    int weights[ROUTE_MAX_UPSTREAMS];
+    int64_t cur[ROUTE_MAX_UPSTREAMS];
+
+    if (n == 0) {
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (!(r->tried & ((uint64_t)1 << cand[i]))) {
+            fresh[nf++] = cand[i];
+        }
+    }
+    const size_t *set = nf > 0 ? fresh : cand;
+    size_t ns = nf > 0 ? nf : n;
+    if (gw->conf->routing == ROUTING_FAILOVER || ns == 1) {
+        return gw->ups[set[0]];
+    }
+    for (size_t i = 0; i < gw->nups; i++) {
+        cur[i] = gw->ups[i]->swrr;
+        weights[i] = gw->ups[i]->conf->weight;
+    }
+    size_t k = route_swrr_pick(cur, weights, set, ns);
+    for (size_t i = 0; i < gw->nups; i++) {
+        gw->ups[i]->swrr = cur[i];
+    }
+    return gw->ups[k];
+}
+
+/* In fleet mode: ask for leases for the upstreams the request could use. */
+static void
+want_leases(struct gateway *gw, struct request *r)
+{
+    size_t c[ROUTE_MAX_UPSTREAMS];
+    size_t n = candidates(r, C_USABLE | C_SLOT | C_WANTS_LEASE, c);
+
+    for (size_t i = 0; i < n; i++) {
+        struct gw_upstream *u = gw->ups[c[i]];
+        fleet_want(gw->fleet, u->fleet, u->conf->max_inflight, gw->queue.total);
+    }
+}
+
+/* Do requests for the same upstreams (SIG) wait already? */
+static bool
+queued_for(const struct gateway *gw, uint64_t sig)
+{
+    for (unsigned i = 0; i < SCHED_GROUPS; i++) {
+        if (gw->queue.g[i].used && gw->queue.g[i].sig == sig) {
+            return true;
+        }
+    }
+    return gw->queue.g[SCHED_GROUPS - 1].used; /* the shared overflow queue */
+}
+
+enum dispatch_result
+dispatch_requeue(struct request *r, struct gw_upstream **up)
+{
+    struct gateway *gw = r->gw;
+    size_t c[ROUTE_MAX_UPSTREAMS];
+    size_t n = candidates(r, 0, c);
+    uint64_t sig = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        sig |= (uint64_t)1 << c[i];
+    }
+    if (gw->queue.total == 0 || !queued_for(gw, sig)) {
+        *up = pick_upstream(gw, r);
+        if (*up) {
+            metrics_observe("dsgate_queue_wait_seconds", NULL, 0);
+            return DISPATCH_GO;
+        }
+    }
+    sched_set_push(&gw->queue, &r->item, sig, r->prio, http_now_us());
+    if (fleet_active(gw->fleet)) {
+        want_leases(gw, r);
+    }
+    return DISPATCH_QUEUED;
+}
+
+enum dispatch_result
+dispatch_submit(struct request *r, struct gw_upstream **up)
+{
+    struct gateway *gw = r->gw;
+    size_t c[ROUTE_MAX_UPSTREAMS];
+
+    /* a full queue refuses, or sheds its newest lower-class request */
+    if (gw->queue.total >= (size_t)gw->conf->queue.max_queued &&
+        !(gw->queue.total == 0 && candidates(r, C_USABLE | C_SLOT, c) > 0)) {
+        struct sched_item *victim = sched_set_victim(&gw->queue, r->prio);
+        if (!victim) {
+            metrics_addf("dsgate_queue_rejected_total", 1, "reason=\"full\"");
+            return DISPATCH_FULL;
+        }
+        struct request *v = (struct request *)victim; /* the item is its first member */
+        dispatch_leave(v);
+        metrics_addf("dsgate_queue_rejected_total", 1, "reason=\"displaced\"");
+        gw->dispatch_ops->refuse(v, REFUSE_DISPLACED, NULL);
+    }
+    return dispatch_requeue(r, up);
+}
+
+void
+dispatch_leave(struct request *r)
+{
+    if (!r->item.queued) {
+        return;
+    }
+    sched_set_remove(&r->gw->queue, &r->item);
+    int64_t waited = http_now_us() - r->item.t_enq_us;
+    r->queue_us += waited;
+    metrics_observe("dsgate_queue_wait_seconds", NULL, (double)waited / 1e6);
+}
+
+void
+dispatch_pump(struct gateway *gw)
+{
+    int64_t now = http_now_us();
+
+    for (;;) {
+        struct sched_item *heads[SCHED_GROUPS];
+        size_t n = sched_set_heads(&gw->queue, now, gw->conf->queue.aging_ms * 1000, heads);
+        bool moved = false;
+        for (size_t i = 0; i < n && !moved; i++) {
+            struct request *r = (struct request *)heads[i];
+            struct gw_upstream *up = pick_upstream(gw, r);
+            struct gw_upstream *blocked = up ? NULL : dispatch_auth_blocked(r);
+            if (up) {
+                dispatch_leave(r);
+                gw->dispatch_ops->start(r, up);
+                moved = true;
+            } else if (blocked) {
+                dispatch_leave(r);
+                gw->dispatch_ops->refuse(r, REFUSE_AUTH, blocked);
+                moved = true;
+            } else if (fleet_active(gw->fleet)) {
+                want_leases(gw, r);
+            }
+        }
+        if (!moved) {
+            break;
+        }
+    }
+    fleet_trim(gw->fleet);
+}
+
+void
+dispatch_acquire(struct request *r, struct gw_upstream *up)
+{
+    sched_limit_acquire(&up->limit);
+    if (fleet_active(r->gw->fleet) && up->fleet) {
+        r->lease = fleet_take(up->fleet);
+    }
+    circuit_on_send(&up->circuit);
+    r->slot_held = true;
+}
+
+void
+dispatch_release(struct request *r)
+{
+    if (r->slot_held) {
+        r->slot_held = false;
+        sched_limit_release(&r->att.up->limit);
+    }
+    if (r->lease) {
+        fleet_release(r->gw->fleet, r->att.up->fleet, r->lease);
+        r->lease = NULL;
+    }
+}
+
+void
+dispatch_limit(struct request *r, bool overload)
+{
+    struct gw_upstream *u = r->att.up;
+    bool cut = sched_limit_feedback(&u->limit, overload, http_now_us());
+
+    if (u->fleet && (cut || !overload)) {
+        /* the fleet hears a cut when this instance's window judged overload */
+        fleet_feedback(r->gw->fleet, u->fleet, u->conf->max_inflight, cut);
+    }
+}
+
+void
+dispatch_circuit(struct request *r, enum route_outcome o, const char *reason)
+{
+    struct gw_upstream *u = r->att.up;
+    int64_t now = http_now_us();
+
+    if (!circuit_on_result(&u->circuit, o, reason, now)) {
+        return;
+    }
+    const struct circuit *c = &u->circuit;
+    if (c->state == CIRCUIT_OPEN) {
+        int64_t ms = (c->open_until_us - now) / 1000;
+        if (c->auth) {
+            log_msg(LOG_WARN, "up=%s: circuit open for %lld ms: upstream answered %s (%s)",
+                    u->conf->name, (long long)ms, reason,
+                    strcmp(reason, "402") == 0   ? "insufficient balance"
+                    : strcmp(reason, "401") == 0 ? "authentication failed, check the key"
+                                                 : "forbidden");
+        } else {
+            log_msg(LOG_WARN, "up=%s: circuit open for %lld ms after %d failures (last: %s)",
+                    u->conf->name, (long long)ms, c->failures, reason);
+        }
+        struct timeval tv = {ms / 1000, (ms % 1000) * 1000 + 1000};
+        evtimer_add(u->wake, &tv);
+    } else if (c->state == CIRCUIT_CLOSED) {
+        log_msg(LOG_INFO, "up=%s: circuit closed", u->conf->name);
+    }
+}
+
+void
+dispatch_count(struct request *r, const char *outcome)
+{
+    struct gw_upstream *u = r->att.up;
+
+    for (size_t i = 0; i < u->n_m_attempts; i++) {
+        if (strcmp(u->m_attempts[i].outcome, outcome) == 0) {
+            metrics_series_add(u->m_attempts[i].s, 1);
+            return;
+        }
+    }
+    if (u->n_m_attempts < sizeof(u->m_attempts) / sizeof(u->m_attempts[0])) {
+        char labels[160];
+        snprintf(labels, sizeof(labels), "upstream=\"%s\",outcome=\"%s\"", u->conf->name,
+                 outcome);
+        u->m_attempts[u->n_m_attempts].outcome = outcome;
+        u->m_attempts[u->n_m_attempts].s = metrics_series("dsgate_upstream_attempts_total", labels);
+        metrics_series_add(u->m_attempts[u->n_m_attempts++].s, 1);
+        return;
+    }
+    metrics_addf("dsgate_upstream_attempts_total", 1, "upstream=\"%s\",outcome=\"%s\"",
+                 u->conf->name, outcome);
+}
+
+void
+dispatch_update_gauges(struct gateway *gw)
+{
+    static const char *const pn[] = {"high", "medium", "low"};
+
+    for (int p = 0; p < PRIO_COUNT; p++) {
+        metrics_setf("dsgate_queue_depth", (double)gw->queue.depth[p], "priority=\"%s\"", pn[p]);
+    }
+    for (size_t i = 0; i < gw->nups; i++) {
+        const struct gw_upstream *u = gw->ups[i];
+        metrics_setf("dsgate_inflight", u->limit.inflight, "upstream=\"%s\"", u->conf->name);
+        metrics_setf("dsgate_concurrency_limit", sched_limit_current(&u->limit), "upstream=\"%s\"",
+                     u->conf->name);
+        metrics_setf("dsgate_circuit_open", u->circuit.state == CIRCUIT_OPEN ? 1 : 0,
+                     "upstream=\"%s\"", u->conf->name);
+    }
+}
+
+void
+dispatch_wake_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct gw_upstream *u = arg;
+
+    (void)fd;
+    (void)what;
+    dispatch_pump(u->gw);
+}

@@ -1,0 +1,80 @@
+/*
+ * dispatch: which upstream a request goes to, and when.
+ *
+ * Requests that can use the same upstreams share a queue (sched.h); a
+ * request starts at once when a slot is free and nobody waits before it,
+ * else it waits in its class.  Every choice of upstream goes through one
+ * candidate filter (eligible for the model, circuit usable, below its
+ * limit, fleet lease ready, not tried yet).  It holds the slots and
+ * leases of running attempts and feeds attempt outcomes to the circuit
+ * breakers and adaptive limits.
+ *
+ * It tells the owner through struct dispatch_ops (registered in the
+ * gateway): start an attempt on an upstream, or refuse a queued request
+ * (displaced by a higher class, or every upstream shut by 401/402/403).
+ */
+#ifndef DSGATE_DISPATCH_H
+#define DSGATE_DISPATCH_H
+
+#include <stdbool.h>
+
+#include <event2/util.h>
+
+#include "route.h"
+
+struct gateway;
+struct gw_upstream;
+struct request;
+
+enum dispatch_refusal { REFUSE_DISPLACED, REFUSE_AUTH };
+
+struct dispatch_ops {
+    /* A slot of UP is the request's: start the attempt (the request has left the queue). */
+    void (*start)(struct request *r, struct gw_upstream *up);
+    /* A queued request is refused (it has left the queue); U: the auth answer's upstream. */
+    void (*refuse)(struct request *r, enum dispatch_refusal why, struct gw_upstream *u);
+};
+
+enum dispatch_result {
+    DISPATCH_GO,     /* *UP is free now: start the attempt */
+    DISPATCH_QUEUED, /* waiting in the queue; ops.start or ops.refuse follow */
+    DISPATCH_FULL,   /* the queue is full and nothing lower could be shed */
+};
+
+/* Does any upstream take this request's model? */
+bool dispatch_any_eligible(const struct request *r);
+/*
+ * When every eligible upstream is shut by 401/402/403, waiting will not
+ * help: the upstream whose answer the client should get, else NULL.
+ */
+struct gw_upstream *dispatch_auth_blocked(const struct request *r);
+/* The current upstream failed the request: is there a usable one it has not tried? */
+bool dispatch_alternative(struct request *r);
+/* A backoff ends: every candidate may be tried again. */
+void dispatch_forget_tried(struct request *r);
+
+/* Admission: at once, queued (shedding a lower class when full), or full. */
+enum dispatch_result dispatch_submit(struct request *r, struct gw_upstream **up);
+/* Back from a backoff: at once or queued, never refused. */
+enum dispatch_result dispatch_requeue(struct request *r, struct gw_upstream **up);
+/* Out of the queue (deadline, client gone, shutdown): its wait is counted. */
+void dispatch_leave(struct request *r);
+/* Start queued requests while slots are free. */
+void dispatch_pump(struct gateway *gw);
+
+/* The attempt on UP runs: its slot, lease and the breaker's count. */
+void dispatch_acquire(struct request *r, struct gw_upstream *up);
+/* The attempt is over: slot and lease back. */
+void dispatch_release(struct request *r);
+/* What the breaker and the adaptive limit of the attempt's upstream hear. */
+void dispatch_circuit(struct request *r, enum route_outcome o, const char *reason);
+void dispatch_limit(struct request *r, bool overload);
+/* dsgate_upstream_attempts_total{upstream,outcome}. */
+void dispatch_count(struct request *r, const char *outcome);
+
+/* Publish the queue and limiter gauges. */
+void dispatch_update_gauges(struct gateway *gw);
+/* Timer callback of gw_upstream.wake: an open circuit may let requests through. */
+void dispatch_wake_cb(evutil_socket_t fd, short what, void *arg);
+
+#endif
