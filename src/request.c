@@ -720,16 +720,16 @@ static const struct flight_ops flight_ops = {on_follower_end, on_follower_free, 
 
 /* ---- the client ------------------------------------------------------------------- */
 
-static enum req_end
-client_left_end(const struct request *r)
+enum req_end
+request_left_end(enum req_state state, bool data_sent)
 {
-    switch (r->state) {
+    switch (state) {
     case REQ_QUEUED:
         return END_CLIENT_QUEUED;
     case REQ_BACKOFF:
         return END_CLIENT_BACKOFF;
     case REQ_STREAMING:
-        return r->data_sent ? END_CLIENT_STREAMING : END_CLIENT_WAITING;
+        return data_sent ? END_CLIENT_STREAMING : END_CLIENT_WAITING;
     default:
         return END_CLIENT_WAITING;
     }
@@ -750,7 +750,7 @@ on_client_close(void *arg)
         return;
     }
     if (!r->end) {
-        r->end = client_left_end(r);
+        r->end = request_left_end(r->state, r->data_sent);
     }
     if (attempt_running(&r->att)) {
         attempt_cancel(&r->att);

@@ -155,6 +155,9 @@ struct conf;
 bool request_outcome_retryable(const struct conf *c, enum attempt_outcome o, bool data_sent,
                                bool replied);
 
+/* How a request ends when its client leaves in STATE. */
+enum req_end request_left_end(enum req_state state, bool data_sent);
+
 /* ---- for the gateway ---- */
 
 /*
