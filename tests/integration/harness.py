@@ -795,7 +795,7 @@ class ScriptedUpstream:
     tls=(cert file, key file): serve HTTPS (handshakes are counted).
 
     Recorded: .requests [UpstreamRequest] in the order they were complete,
-    .connections (accepted), .handshakes (TLS), .received (http=False: every
+    .arrivals (their .t), .connections (accepted), .handshakes (TLS), .received (http=False: every
     connection's first bytes, joined), .errors (exceptions in a handler).
     Threads, one per connection; every read and write has a deadline
     (io_timeout s; idle_timeout s between keep-alive requests); stop() closes
@@ -832,6 +832,12 @@ class ScriptedUpstream:
     @property
     def url(self):
         return "%s://127.0.0.1:%d" % ("https" if self.ctx else "http", self.port)
+
+    @property
+    def arrivals(self):
+        """Monotonic s each request was received (whole), in order."""
+        with self.lock:
+            return [r.t for r in self.requests]
 
     @property
     def received(self):
