@@ -955,8 +955,8 @@ def t_health_cli():
                        stderr=subprocess.STDOUT, env=env, timeout=20)
     check(p.returncode == 1, "--health against a closed port: exit %d (want 1)", p.returncode)
     # a non-200 answer is unhealthy too
-    raw = H.RawUpstream(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                        b"Connection: close\r\n\r\n")
+    raw = H.ScriptedUpstream({"status": 503,
+                              "headers": [("Content-Length", "0"), ("Connection", "close")]})
     try:
         p = subprocess.run([H.DSGATE, "--health", raw.url + "/healthz"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
