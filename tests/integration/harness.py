@@ -1245,6 +1245,104 @@ def run_tests(run, tests, pair, key="dsgate", final=(), only=()):
         run.run(name, wrapped)
 
 
+def stop_started(started):
+    """Stop (last first) and empty STARTED, a list of objects with .stop()
+    (dsgates, fakes, upstreams, Redis servers); the dsgates that crashed or
+    did not exit 0 on SIGTERM, as [(log path, exit status, was it running)]."""
+    bad = []
+    while started:
+        o = started.pop()
+        alive = not isinstance(o, Dsgate) or o.alive()
+        try:
+            rc = o.stop()
+        except Exception:                       # noqa: BLE001
+            rc = None
+        if isinstance(o, Dsgate) and (not alive or rc != 0):
+            bad.append((o.log_path, rc, alive))
+    return bad
+
+
+def reports(fn):
+    """Mark a test function that takes (run, name) and reports itself
+    (run.ok / run.fail, or a SKIP line) instead of raising; see main()."""
+    fn.reports = True
+    return fn
+
+
+class Pair:
+    """A group of tests for main(): SETUP() starts a dsgate (and what it
+    needs) into the dict PAIR, then run_tests() runs TESTS against PAIR[KEY]
+    (a crash restarts it; FINAL names run as they are).  When SETUP raises,
+    every test of the group fails with "setup: ..."."""
+
+    def __init__(self, tests, setup, pair, key="dsgate", final=()):
+        self.tests = tests
+        self.setup = setup
+        self.pair = pair
+        self.key = key
+        self.final = set(final)
+
+    def run(self, run, only):
+        try:
+            self.setup()
+        except Exception as e:                  # noqa: BLE001
+            run.fail_all([n for n, _ in self.tests], "setup: %s" % e)
+            return
+        run_tests(run, self.tests, self.pair, self.key, final=self.final, only=only)
+
+
+def main(suite, tests, started=None, after_each=None, final=None, require=(), argv=None):
+    """The main() of a test file; returns its exit status (for sys.exit).
+
+    Runs TESTS in order and prints the RESULT line.  An item of TESTS is
+    (name, fn), fn run by Runner.run (or, marked @reports, called as
+    fn(run, name)), or a Pair.  Names given on the command line (ARGV,
+    default sys.argv[1:]) run only those tests.
+    STARTED: the list where the file's tests put what they start; after each
+    (name, fn) test it is emptied by stop_started(), and a dsgate in it that
+    died or did not exit 0 on SIGTERM fails NAME_dsgate_exit.
+    AFTER_EACH(run, name): more cleanup after each (name, fn) test.
+    FINAL(run): after the last test (before the RESULT line).
+    REQUIRE: [(path, what)]: the first path that is not executable fails
+    every test with "setup: WHAT not built" and nothing runs.
+    """
+    run = Runner(suite)
+    only = set(sys.argv[1:] if argv is None else argv)
+    for path, what in require:
+        if not os.access(path, os.X_OK):
+            names = []
+            for t in tests:
+                names += [n for n, _ in t.tests] if isinstance(t, Pair) else [t[0]]
+            run.fail_all(names, "setup: %s not built" % what)
+            return run.finish()
+    for t in tests:
+        if isinstance(t, Pair):
+            t.run(run, only)
+            continue
+        name, fn = t
+        if only and name not in only:
+            continue
+        try:
+            if getattr(fn, "reports", False):
+                try:
+                    fn(run, name)
+                except Exception as e:          # noqa: BLE001
+                    run.fail(name, "%s: %s" % (type(e).__name__, e))
+            else:
+                run.run(name, fn)
+        finally:
+            if started is not None:
+                for log, rc, alive in stop_started(started):
+                    run.fail(name + "_dsgate_exit", "dsgate %s with status %s; log %s"
+                             % ("exited on SIGTERM" if alive else "died during the test",
+                                rc, log))
+            if after_each is not None:
+                after_each(run, name)
+    if final is not None:
+        final(run)
+    return run.finish()
+
+
 def _where(e):
     tb = traceback.extract_tb(e.__traceback__)
     if tb:
