@@ -114,21 +114,6 @@ def shared():
     return SHARED["d"], SHARED["f"]
 
 
-def stop_started():
-    """Stop what the test started; the dsgates that died or did not exit 0."""
-    bad = []
-    while STARTED:
-        o = STARTED.pop()
-        alive = not isinstance(o, H.Dsgate) or o.alive()
-        try:
-            rc = o.stop()
-        except Exception:                       # noqa: BLE001
-            rc = None
-        if isinstance(o, H.Dsgate) and (not alive or rc != 0):
-            bad.append((o.log_path, rc, alive))
-    return bad
-
-
 # ---------------------------------------------------------------- helpers
 
 def post(port, body, headers=None, path=CHAT, timeout=15.0):
@@ -1609,21 +1594,13 @@ TESTS = [
 ]
 
 
-def main():
-    run = H.Runner("test_cache")
-    only = set(sys.argv[1:])
-    for name, fn in TESTS:
-        if only and name not in only:
-            continue
-        try:
-            run.run(name, fn)
-        finally:
-            for log, rc, alive in stop_started():
-                run.fail(name + "_dsgate_exit", "dsgate %s with status %s; log %s"
-                         % ("exited on SIGTERM" if alive else "died during the test", rc, log))
-            if "d" in SHARED and not SHARED["d"].alive():
-                run.fail(name + "_dsgate_died", "the shared dsgate died: %s; log %s"
-                         % (SHARED["d"].crash_summary(), SHARED["d"].log_path))
+def _shared_alive(run, name):
+    if "d" in SHARED and not SHARED["d"].alive():
+        run.fail(name + "_dsgate_died", "the shared dsgate died: %s; log %s"
+                 % (SHARED["d"].crash_summary(), SHARED["d"].log_path))
+
+
+def _stop_shared(run):
     if "d" in SHARED:
         d = SHARED["d"]
         alive = d.alive()
@@ -1635,7 +1612,11 @@ def main():
                      % (rc, d.log_path))
     if "f" in SHARED:
         SHARED["f"].stop()
-    return run.finish()
+
+
+def main():
+    return H.main("test_cache", TESTS, started=STARTED, after_each=_shared_alive,
+                  final=_stop_shared)
 
 
 if __name__ == "__main__":

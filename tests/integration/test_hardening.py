@@ -2147,16 +2147,7 @@ def _cleanup(run, name):
 
 
 def main():
-    run = H.Runner("test_hardening")
-    only = set(sys.argv[1:])
-    for name, fn in TESTS:
-        if only and name not in only:
-            continue
-        try:
-            run.run(name, fn)
-        finally:
-            _cleanup(run, name)
-    return run.finish()
+    return H.main("test_hardening", TESTS, after_each=_cleanup)
 
 
 if __name__ == "__main__":
