@@ -398,32 +398,28 @@ RAW_TESTS = [
 ]
 
 
+def _setup_limits():
+    P["fake"] = H.Fake(name="limits")
+    P["dsgate"] = H.Dsgate(
+        tag="limits", upstream_url=P["fake"].url,
+        api_key_env="DSGATE_IT_UNSET_KEY_VARIABLE",
+        timeouts={"connect": "1s", "first_data": "1s", "idle": "5s"},
+        limits={"max_body": "1KB", "max_headers": "8KB", "header_timeout": "1s",
+                "body_timeout": "2s", "idle_timeout": "2s"})
+
+
+def _setup_raw():
+    P["raw"] = H.ScriptedUpstream(RAW_ANSWER)
+    P["raw_dsgate"] = H.Dsgate(tag="raw", upstream_url=P["raw"].url,
+                               timeouts={"connect": "1s", "first_data": "2s"})
+
+
 def main():
-    run = H.Runner("test_errors")
-    only = set(sys.argv[1:])
-    try:
-        P["fake"] = H.Fake(name="limits")
-        P["dsgate"] = H.Dsgate(
-            tag="limits", upstream_url=P["fake"].url,
-            api_key_env="DSGATE_IT_UNSET_KEY_VARIABLE",
-            timeouts={"connect": "1s", "first_data": "1s", "idle": "5s"},
-            limits={"max_body": "1KB", "max_headers": "8KB", "header_timeout": "1s",
-                    "body_timeout": "2s", "idle_timeout": "2s"})
-    except Exception as e:
-        run.fail_all([n for n, _ in LIMITS_TESTS], "setup: %s" % e)
-    else:
-        H.run_tests(run, LIMITS_TESTS, P, "dsgate",
-                    final={"limits_sigterm_exit_0_no_sanitizer"}, only=only)
-    try:
-        P["raw"] = H.ScriptedUpstream(RAW_ANSWER)
-        P["raw_dsgate"] = H.Dsgate(tag="raw", upstream_url=P["raw"].url,
-                                   timeouts={"connect": "1s", "first_data": "2s"})
-    except Exception as e:
-        run.fail_all([n for n, _ in RAW_TESTS], "setup: %s" % e)
-    else:
-        H.run_tests(run, RAW_TESTS, P, "raw_dsgate",
-                    final={"raw_sigterm_exit_0_no_sanitizer"}, only=only)
-    return run.finish()
+    return H.main("test_errors", [
+        H.Pair(LIMITS_TESTS, _setup_limits, P, "dsgate",
+               final={"limits_sigterm_exit_0_no_sanitizer"}),
+        H.Pair(RAW_TESTS, _setup_raw, P, "raw_dsgate", final={"raw_sigterm_exit_0_no_sanitizer"}),
+    ])
 
 
 if __name__ == "__main__":
