@@ -5,7 +5,11 @@ Standard library only (Debian's python3).  A test file builds one or more
 "pairs" (a fake upstream and a dsgate in front of it), runs its tests through
 a Runner that prints one line per test (`PASS name` / `FAIL name: reason`)
 and, at the end, one machine-readable line `RESULT passed=N failed=N` that
-tests/run.sh adds up.  Every wait has a deadline; nothing sleeps blindly.
+tests/run.sh adds up; a file's main() is harness.main(suite, tests, ...).
+Where build/fake_upstream cannot do what a test needs, ScriptedUpstream
+answers from a script of data (status, verbatim headers, timed body pieces,
+reset/close/hold/keep-alive).  Every wait has a deadline; nothing sleeps
+blindly.
 Everything started here is stopped (SIGTERM, then SIGKILL after a deadline)
 even when a test fails or the interpreter is interrupted.
 
