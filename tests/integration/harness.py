@@ -5,7 +5,11 @@ Standard library only (Debian's python3).  A test file builds one or more
 "pairs" (a fake upstream and a dsgate in front of it), runs its tests through
 a Runner that prints one line per test (`PASS name` / `FAIL name: reason`)
 and, at the end, one machine-readable line `RESULT passed=N failed=N` that
-tests/run.sh adds up.  Every wait has a deadline; nothing sleeps blindly.
+tests/run.sh adds up; a file's main() is harness.main(suite, tests, ...).
+Where build/fake_upstream cannot do what a test needs, ScriptedUpstream
+answers from a script of data (status, verbatim headers, timed body pieces,
+reset/close/hold/keep-alive).  Every wait has a deadline; nothing sleeps
+blindly.
 Everything started here is stopped (SIGTERM, then SIGKILL after a deadline)
 even when a test fails or the interpreter is interrupted.
 
@@ -20,12 +24,14 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
+from http import HTTPStatus
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DSGATE = os.environ.get("DSGATE_BIN", os.path.join(ROOT, "build", "asan", "dsgate"))
@@ -690,71 +696,476 @@ class Dsgate:
         return stop_process(self.proc, timeout)
 
 
-class RawUpstream:
-    """A tiny upstream that answers every request with a canned response.
+# ---------------------------------------------------------------- scripted upstream
 
-    Used where the fake cannot be told to do something (e.g. send hop-by-hop
-    response headers).  Records each request head it received.
+class UpstreamRequest:
+    """One request a ScriptedUpstream received (or, with http=False, the
+    first bytes of one connection)."""
+
+    def __init__(self):
+        self.n = None               # index over all requests of the upstream: 0, 1, ...
+        self.conn = None            # index of its connection (order of accept)
+        self.seq = None             # index on its connection (keep-alive): 0, 1, ...
+        self.method = None
+        self.path = None
+        self.version = None
+        self.headers = []           # [(name, value)] as received
+        self.head = ""              # request line and header lines, as text
+        self.body = b""             # decoded (Content-Length or chunked)
+        self.raw = b""              # http=False: the bytes received first
+        self.t_head = None          # monotonic s: head complete
+        self.t = None               # monotonic s: whole request received
+        self.answer = None          # the answer it got (dict)
+        self.client_closed = False  # the client left before the answer was done
+        self.t_client_closed = None
+
+    def header(self, name, default=None):
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return default
+
+    def __repr__(self):
+        return "<UpstreamRequest #%s %s %s>" % (self.n, self.method, self.path)
+
+
+_ANSWER_KEYS = {"status", "reason", "headers", "body", "framing", "raw", "delay_ms",
+                "action", "at", "hold_ms"}
+_ACTIONS = ("close", "keep", "reset", "hold")
+NEVER = {"action": "hold", "at": "start"}     # accept the request, never answer
+
+
+def _pieces(body):
+    """[(delay ms, bytes)] from bytes or a list of bytes / (delay ms, bytes)."""
+    if body is None:
+        return []
+    if isinstance(body, (bytes, bytearray)):
+        return [(0, bytes(body))]
+    out = []
+    for p in body:
+        if isinstance(p, tuple):
+            out.append((p[0], bytes(p[1])))
+        else:
+            out.append((0, bytes(p)))
+    return out
+
+
+class _UConn:
+    def __init__(self, sock, index):
+        self.sock = sock
+        self.index = index
+        self.buf = bytearray()
+        self.eof = False
+
+
+class ScriptedUpstream:
+    """An upstream that answers from a script of data, and records requests.
+
+    SCRIPT is one answer (a dict, given to every request), a list of answers
+    (the Nth request, counted over all connections, gets the Nth; the last
+    one repeats) or a callable that returns the answer for an
+    UpstreamRequest (it has .n, .method, .path, .headers, .body).
+
+    An answer is a dict; every key is optional:
+      status, reason   status line (200, its usual phrase)
+      headers          [(name, value)], sent verbatim and in order (odd,
+                       duplicated and hop-by-hop headers included)
+      body             bytes, or a list of pieces: bytes or (delay ms, bytes)
+      framing          "length" (default): add Content-Length (the sum of
+                       the pieces) unless the headers carry Content-Length
+                       or Transfer-Encoding; "chunked": add
+                       Transfer-Encoding: chunked (unless there) and send each
+                       piece as a chunk, then the last chunk; "none": add
+                       nothing (the body ends when the connection does)
+      raw              bytes or pieces sent verbatim instead of status,
+                       headers and body (garbage, hand-made framing)
+      delay_ms         wait this long before the first byte
+      action           after the answer: "close" (FIN, the default),
+                       "keep" (keep-alive: read the next request on the
+                       connection), "reset" (RST: SO_LINGER 0, then close),
+                       "hold" (stay open and silent until the client leaves,
+                       hold_ms pass or the upstream stops, then close)
+      at               when the action happens instead of after the whole
+                       answer: k (int) after the head and the first k pieces
+                       (with raw: the first k pieces), "start" before any byte
+                       (hold: never answer; reset: a reset for an answer)
+      hold_ms          the most a hold lasts (default 30000)
+    NEVER is {"action": "hold", "at": "start"}.
+
+    http=False: no HTTP parsing; each connection's first bytes (what one read
+    returns within first_bytes_ms; b"" if none) are recorded as a request
+    with .raw, then the answer is carried out (raw/action/at/delay_ms).
+    tls=(cert file, key file): serve HTTPS (handshakes are counted).
+
+    Recorded: .requests [UpstreamRequest] in the order they were complete,
+    .arrivals (their .t), .connections (accepted), .handshakes (TLS), .received (http=False: every
+    connection's first bytes, joined), .errors (exceptions in a handler).
+    Threads, one per connection; every read and write has a deadline
+    (io_timeout s; idle_timeout s between keep-alive requests); stop() closes
+    the listener and every connection and joins the threads.
     """
 
-    def __init__(self, response):
-        self.response = response
+    def __init__(self, script, http=True, tls=None, io_timeout=5.0, idle_timeout=30.0,
+                 first_bytes_ms=2000, backlog=64):
+        self.script = script
+        self.http = http
+        self.io_timeout = io_timeout
+        self.idle_timeout = idle_timeout
+        self.first_bytes_ms = first_bytes_ms
         self.requests = []
+        self.connections = 0
+        self.handshakes = 0
+        self.errors = []
+        self.lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._socks = set()
+        self._threads = []
+        self.ctx = None
+        if tls:
+            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.ctx.load_cert_chain(tls[0], tls[1])
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(16)
+        self.lsock.listen(backlog)
         self.port = self.lsock.getsockname()[1]
-        self._stop = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self._acceptor = threading.Thread(target=self._serve, daemon=True)
+        self._acceptor.start()
 
     @property
     def url(self):
-        return "http://127.0.0.1:%d" % self.port
+        return "%s://127.0.0.1:%d" % ("https" if self.ctx else "http", self.port)
+
+    @property
+    def arrivals(self):
+        """Monotonic s each request was received (whole), in order."""
+        with self.lock:
+            return [r.t for r in self.requests]
+
+    @property
+    def received(self):
+        with self.lock:
+            return b"".join(r.raw for r in self.requests)
+
+    def wait_requests(self, n, timeout=5.0):
+        """True once N requests have been recorded (within TIMEOUT s)."""
+        return bool(wait_until(lambda: len(self.requests) >= n, timeout, 0.01))
+
+    # -- serving
 
     def _serve(self):
-        while not self._stop:
+        while not self._stopping.is_set():
             try:
                 s, _ = self.lsock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._one, args=(s,), daemon=True).start()
+            if self._stopping.is_set():
+                s.close()
+                return
+            with self.lock:
+                idx = self.connections
+                self.connections += 1
+                self._socks.add(s)
+                t = threading.Thread(target=self._conn, args=(s, idx), daemon=True)
+                self._threads.append(t)
+            t.start()
 
-    def _one(self, s):
-        s.settimeout(5.0)
+    def _conn(self, s, idx):
+        c = _UConn(s, idx)
         try:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                d = s.recv(65536)
-                if not d:
+            s.settimeout(self.io_timeout)
+            if self.ctx is not None:
+                try:
+                    c.sock = self.ctx.wrap_socket(s, server_side=True)
+                except OSError:          # ssl.SSLError included
                     return
-                buf += d
-            head, _, rest = buf.partition(b"\r\n\r\n")
-            self.requests.append(head.decode("latin-1"))
-            cl = 0
-            for line in head.split(b"\r\n")[1:]:
-                k, _, v = line.partition(b":")
-                if k.strip().lower() == b"content-length":
-                    cl = int(v.strip())
-            while len(rest) < cl:
-                d = s.recv(65536)
-                if not d:
-                    break
-                rest += d
-            s.sendall(self.response)
-        except OSError:
-            pass
+                with self.lock:
+                    self._socks.add(c.sock)
+                    self.handshakes += 1
+            seq = 0
+            while not self._stopping.is_set():
+                req = self._read_request(c, seq) if self.http else self._read_first(c)
+                if req is None:
+                    return
+                ans = self._pick(req)
+                if not self._answer(c, req, ans):
+                    return
+                if not self.http:
+                    return
+                seq += 1
+        except Exception as e:           # noqa: BLE001
+            if not self._stopping.is_set() and not isinstance(e, OSError):
+                self.errors.append(e)
         finally:
+            with self.lock:
+                self._socks.discard(s)
+                self._socks.discard(c.sock)
+            try:
+                c.sock.close()
+            except OSError:
+                pass
+
+    def _recv(self, c, deadline):
+        """Read more into c.buf until DEADLINE.  False on EOF, timeout or stop."""
+        left = deadline - time.monotonic()
+        if left <= 0 or self._stopping.is_set():
+            return False
+        c.sock.settimeout(left)
+        try:
+            d = c.sock.recv(65536)
+        except (socket.timeout, OSError):
+            return False
+        if not d:
+            c.eof = True
+            return False
+        c.buf += d
+        return True
+
+    def _read_first(self, c):
+        deadline = time.monotonic() + self.first_bytes_ms / 1000.0
+        self._recv(c, deadline)
+        req = UpstreamRequest()
+        req.raw = bytes(c.buf)
+        del c.buf[:]
+        req.t_head = req.t = time.monotonic()
+        return self._record(req, c, 0)
+
+    def _read_request(self, c, seq):
+        deadline = time.monotonic() + (self.idle_timeout if seq else self.io_timeout)
+        while b"\r\n\r\n" not in c.buf:
+            if not self._recv(c, deadline):
+                return None
+            if seq and len(c.buf):
+                deadline = max(deadline, time.monotonic() + self.io_timeout)
+        i = c.buf.index(b"\r\n\r\n")
+        head = bytes(c.buf[:i]).decode("latin-1")
+        del c.buf[:i + 4]
+        req = UpstreamRequest()
+        req.t_head = time.monotonic()
+        req.head = head
+        lines = head.split("\r\n")
+        parts = lines[0].split(" ")
+        req.method = parts[0]
+        req.path = parts[1] if len(parts) > 1 else ""
+        req.version = parts[2] if len(parts) > 2 else ""
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            req.headers.append((k.strip(), v.strip()))
+        deadline = time.monotonic() + self.io_timeout
+        te = (req.header("transfer-encoding") or "").lower()
+        if "chunked" in te:
+            body = bytearray()
+            while True:
+                while b"\r\n" not in c.buf:
+                    if not self._recv(c, deadline):
+                        return None
+                j = c.buf.index(b"\r\n")
+                size = int(bytes(c.buf[:j]).split(b";")[0].strip() or b"0", 16)
+                del c.buf[:j + 2]
+                if size == 0:
+                    while True:            # trailers up to the empty line
+                        while b"\r\n" not in c.buf:
+                            if not self._recv(c, deadline):
+                                return None
+                        j = c.buf.index(b"\r\n")
+                        del c.buf[:j + 2]
+                        if j == 0:
+                            break
+                    break
+                while len(c.buf) < size + 2:
+                    if not self._recv(c, deadline):
+                        return None
+                body += c.buf[:size]
+                del c.buf[:size + 2]
+            req.body = bytes(body)
+        else:
+            cl = int(req.header("content-length") or "0")
+            while len(c.buf) < cl:
+                if not self._recv(c, deadline):
+                    break                   # recorded with what arrived
+            req.body = bytes(c.buf[:cl])
+            del c.buf[:cl]
+        req.t = time.monotonic()
+        return self._record(req, c, seq)
+
+    def _record(self, req, c, seq):
+        req.conn = c.index
+        req.seq = seq
+        with self.lock:
+            req.n = len(self.requests)
+            self.requests.append(req)
+        return req
+
+    def _pick(self, req):
+        sc = self.script
+        if callable(sc):
+            ans = sc(req)
+        elif isinstance(sc, dict):
+            ans = sc
+        else:
+            ans = sc[min(req.n, len(sc) - 1)]
+        bad = set(ans) - _ANSWER_KEYS
+        if bad:
+            raise ValueError("ScriptedUpstream: unknown answer keys %s" % sorted(bad))
+        if ans.get("action", "close") not in _ACTIONS:
+            raise ValueError("ScriptedUpstream: action %r" % ans.get("action"))
+        if ans.get("action") == "keep" and ans.get("at") is not None:
+            raise ValueError("ScriptedUpstream: keep cannot cut an answer")
+        req.answer = ans
+        return ans
+
+    def _pause(self, c, req, ms):
+        """Wait MS ms watching the connection.  False if the client left (or
+        the upstream is stopping); bytes the client sends are kept."""
+        deadline = time.monotonic() + ms / 1000.0
+        while True:
+            if self._stopping.is_set():
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            pending = getattr(c.sock, "pending", None)
+            r = [c.sock] if pending and pending() else select.select([c.sock], [], [], left)[0]
+            if r and not self._stopping.is_set():
+                c.sock.settimeout(self.io_timeout)
+                try:
+                    d = c.sock.recv(65536)
+                except ssl.SSLWantReadError:
+                    continue
+                except OSError:
+                    d = b""
+                if not d:
+                    self._left(req)
+                    return False
+                c.buf += d
+
+    def _left(self, req):
+        if not req.client_closed:
+            req.client_closed = True
+            req.t_client_closed = time.monotonic()
+
+    def _send(self, c, req, data):
+        if not data:
+            return True
+        c.sock.settimeout(self.io_timeout)
+        try:
+            c.sock.sendall(data)
+            return True
+        except OSError:
+            self._left(req)
+            return False
+
+    def _answer(self, c, req, ans):
+        """Carry out ANS.  True to read the next request on this connection."""
+        action = ans.get("action", "close")
+        at = ans.get("at")
+        if ans.get("delay_ms") and not self._pause(c, req, ans["delay_ms"]):
+            return False
+        if at == "start":
+            return self._act(c, req, ans, action)
+        if "raw" in ans:
+            pieces = _pieces(ans["raw"])
+            framing = "none"
+        else:
+            pieces = _pieces(ans.get("body"))
+            framing = ans.get("framing", "length")
+            status = ans.get("status", 200)
+            reason = ans.get("reason")
+            if reason is None:
+                try:
+                    reason = HTTPStatus(status).phrase
+                except ValueError:
+                    reason = "Status"
+            hs = list(ans.get("headers") or [])
+            names = {k.lower() for k, _ in hs}
+            if framing == "length":
+                if "content-length" not in names and "transfer-encoding" not in names:
+                    hs.append(("Content-Length", str(sum(len(p) for _, p in pieces))))
+            elif framing == "chunked":
+                if "transfer-encoding" not in names:
+                    hs.append(("Transfer-Encoding", "chunked"))
+            elif framing != "none":
+                raise ValueError("ScriptedUpstream: framing %r" % framing)
+            head = "HTTP/1.1 %d %s\r\n" % (status, reason)
+            head += "".join("%s: %s\r\n" % kv for kv in hs) + "\r\n"
+            if not self._send(c, req, head.encode("latin-1")):
+                return False
+        if at == 0:
+            return self._act(c, req, ans, action)
+        for i, (ms, data) in enumerate(pieces):
+            if ms and not self._pause(c, req, ms):
+                return False
+            if framing == "chunked":
+                data = b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+            if not self._send(c, req, data):
+                return False
+            if at == i + 1:
+                return self._act(c, req, ans, action)
+        if framing == "chunked" and not self._send(c, req, b"0\r\n\r\n"):
+            return False
+        return self._act(c, req, ans, action)
+
+    def _act(self, c, req, ans, action):
+        if action == "keep":
+            return True
+        if action == "hold":
+            self._pause(c, req, ans.get("hold_ms", 30000))
+        elif action == "reset":
+            try:
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                  b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            except OSError:
+                pass
+        return False                       # the caller closes the socket
+
+    def stop(self, timeout=5.0):
+        """Close the listener and every connection; join the threads."""
+        self._stopping.set()
+        for s in (self.lsock,):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             s.close()
+        with self.lock:
+            socks = list(self._socks)
+            threads = list(self._threads)
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        self._acceptor.join(max(0.0, deadline - time.monotonic()))
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    close = stop
+
+
+class RawUpstream:
+    """Every request gets the same canned bytes, then a close (a
+    ScriptedUpstream with {"raw": RESPONSE}).  .requests: each request's
+    head as text."""
+
+    def __init__(self, response):
+        self.response = response
+        self.upstream = ScriptedUpstream({"raw": response})
+        self.port = self.upstream.port
+
+    @property
+    def url(self):
+        return self.upstream.url
+
+    @property
+    def requests(self):
+        return [r.head for r in self.upstream.requests]
 
     def close(self):
-        self._stop = True
-        try:
-            self.lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.lsock.close()
+        self.upstream.stop()
+
+    stop = close
 
 
 # ---------------------------------------------------------------- runner
@@ -836,6 +1247,104 @@ def run_tests(run, tests, pair, key="dsgate", final=(), only=()):
             if err is not None:
                 raise err
         run.run(name, wrapped)
+
+
+def stop_started(started):
+    """Stop (last first) and empty STARTED, a list of objects with .stop()
+    (dsgates, fakes, upstreams, Redis servers); the dsgates that crashed or
+    did not exit 0 on SIGTERM, as [(log path, exit status, was it running)]."""
+    bad = []
+    while started:
+        o = started.pop()
+        alive = not isinstance(o, Dsgate) or o.alive()
+        try:
+            rc = o.stop()
+        except Exception:                       # noqa: BLE001
+            rc = None
+        if isinstance(o, Dsgate) and (not alive or rc != 0):
+            bad.append((o.log_path, rc, alive))
+    return bad
+
+
+def reports(fn):
+    """Mark a test function that takes (run, name) and reports itself
+    (run.ok / run.fail, or a SKIP line) instead of raising; see main()."""
+    fn.reports = True
+    return fn
+
+
+class Pair:
+    """A group of tests for main(): SETUP() starts a dsgate (and what it
+    needs) into the dict PAIR, then run_tests() runs TESTS against PAIR[KEY]
+    (a crash restarts it; FINAL names run as they are).  When SETUP raises,
+    every test of the group fails with "setup: ..."."""
+
+    def __init__(self, tests, setup, pair, key="dsgate", final=()):
+        self.tests = tests
+        self.setup = setup
+        self.pair = pair
+        self.key = key
+        self.final = set(final)
+
+    def run(self, run, only):
+        try:
+            self.setup()
+        except Exception as e:                  # noqa: BLE001
+            run.fail_all([n for n, _ in self.tests], "setup: %s" % e)
+            return
+        run_tests(run, self.tests, self.pair, self.key, final=self.final, only=only)
+
+
+def main(suite, tests, started=None, after_each=None, final=None, require=(), argv=None):
+    """The main() of a test file; returns its exit status (for sys.exit).
+
+    Runs TESTS in order and prints the RESULT line.  An item of TESTS is
+    (name, fn), fn run by Runner.run (or, marked @reports, called as
+    fn(run, name)), or a Pair.  Names given on the command line (ARGV,
+    default sys.argv[1:]) run only those tests.
+    STARTED: the list where the file's tests put what they start; after each
+    (name, fn) test it is emptied by stop_started(), and a dsgate in it that
+    died or did not exit 0 on SIGTERM fails NAME_dsgate_exit.
+    AFTER_EACH(run, name): more cleanup after each (name, fn) test.
+    FINAL(run): after the last test (before the RESULT line).
+    REQUIRE: [(path, what)]: the first path that is not executable fails
+    every test with "setup: WHAT not built" and nothing runs.
+    """
+    run = Runner(suite)
+    only = set(sys.argv[1:] if argv is None else argv)
+    for path, what in require:
+        if not os.access(path, os.X_OK):
+            names = []
+            for t in tests:
+                names += [n for n, _ in t.tests] if isinstance(t, Pair) else [t[0]]
+            run.fail_all(names, "setup: %s not built" % what)
+            return run.finish()
+    for t in tests:
+        if isinstance(t, Pair):
+            t.run(run, only)
+            continue
+        name, fn = t
+        if only and name not in only:
+            continue
+        try:
+            if getattr(fn, "reports", False):
+                try:
+                    fn(run, name)
+                except Exception as e:          # noqa: BLE001
+                    run.fail(name, "%s: %s" % (type(e).__name__, e))
+            else:
+                run.run(name, fn)
+        finally:
+            if started is not None:
+                for log, rc, alive in stop_started(started):
+                    run.fail(name + "_dsgate_exit", "dsgate %s with status %s; log %s"
+                             % ("exited on SIGTERM" if alive else "died during the test",
+                                rc, log))
+            if after_each is not None:
+                after_each(run, name)
+    if final is not None:
+        final(run)
+    return run.finish()
 
 
 def _where(e):

@@ -5,8 +5,7 @@ test_busy: surviving a busy upstream (issue 3) through the real daemon.
 The priority queue, the adaptive concurrency limit and jittered retries with
 a budget, driven over real sockets against build/fake_upstream (capacity,
 random 503s, latency, per-request X-Fake-* steering) and, where an upstream
-must change its answer between attempts, a small scripted upstream written
-here.  Each test starts the dsgate (and fake) it needs with a small config
+must change its answer between attempts, harness.ScriptedUpstream.  Each test starts the dsgate (and fake) it needs with a small config
 (retry.base tens of ms, short queue timeouts), stops them at its end, and
 keeps its own time bounded; the whole file runs in well under 90 s.
 
@@ -24,7 +23,6 @@ import email.utils
 import json
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -99,22 +97,6 @@ def dsgate(url, tag, env=None, **cfg):
     d = H.Dsgate(config_text=config(port, url, **cfg), tag="busy-" + tag, port=port, env=env)
     STARTED.append(d)
     return d
-
-
-def stop_started():
-    """Stop what the test started; the dsgates that crashed or did not exit 0
-    on SIGTERM, as [(log path, exit status, was it still running)]."""
-    bad = []
-    while STARTED:
-        o = STARTED.pop()
-        alive = not isinstance(o, H.Dsgate) or o.alive()
-        try:
-            rc = o.stop()
-        except Exception:                       # noqa: BLE001
-            rc = None
-        if isinstance(o, H.Dsgate) and (not alive or rc != 0):
-            bad.append((o.log_path, rc, alive))
-    return bad
 
 
 # ---------------------------------------------------------------- metrics
@@ -230,88 +212,21 @@ def log_for(f, test_id):
 
 # ---------------------------------------------------------------- scripted upstream
 
-class Scripted:
-    """An upstream that answers its Nth request with the Nth scripted answer
-    (the last one again when the script is used up), one request per
-    connection, and records when each request arrived."""
-
-    def __init__(self, answers):
-        # [(status, [(name, value)], body bytes[, hold s])]: with HOLD, the
-        # answer has no Content-Length and the connection stays open (silent)
-        # for that long after the body, as a stalled upstream
-        self.answers = answers
-        self.arrivals = []              # monotonic s, one per request
-        self.lock = threading.Lock()
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(64)
-        self.port = self.lsock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def _serve(self):
-        while True:
-            try:
-                s, _ = self.lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(s,), daemon=True).start()
-
-    def _one(self, s):
-        s.settimeout(5.0)
-        try:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                d = s.recv(65536)
-                if not d:
-                    return
-                buf += d
-            head, _, rest = buf.partition(b"\r\n\r\n")
-            cl = 0
-            for line in head.split(b"\r\n")[1:]:
-                k, _, v = line.partition(b":")
-                if k.strip().lower() == b"content-length":
-                    cl = int(v.strip())
-            while len(rest) < cl:
-                d = s.recv(65536)
-                if not d:
-                    break
-                rest += d
-            with self.lock:
-                n = len(self.arrivals)
-                self.arrivals.append(time.monotonic())
-            ans = self.answers[min(n, len(self.answers) - 1)]
-            status, headers, body = ans[:3]
-            hold = ans[3] if len(ans) > 3 else None
-            out = "HTTP/1.1 %d X\r\n" % status
-            out += "".join("%s: %s\r\n" % kv for kv in headers)
-            if not any(k.lower() == "content-type" for k, _ in headers):
-                out += "Content-Type: application/json\r\n"
-            if hold is None:
-                out += "Content-Length: %d\r\n" % len(body)
-            out += "Connection: close\r\n\r\n"
-            s.sendall(out.encode("latin-1") + body)
-            if hold is not None:
-                s.settimeout(hold)
-                try:
-                    s.recv(1)           # until dsgate gives up on us, or HOLD
-                except OSError:
-                    pass
-        except OSError:
-            pass
-        finally:
-            s.close()
-
-    def stop(self):
-        try:
-            self.lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.lsock.close()
+def answer(status, headers, body, hold=None):
+    """A ScriptedUpstream answer: STATUS, HEADERS (Content-Type: application/json
+    unless given), BODY, then a close.  With HOLD (s), no Content-Length and
+    the connection stays open (silent) for that long after the body, or
+    until dsgate gives up on it, as a stalled upstream."""
+    hs = list(headers)
+    if not any(k.lower() == "content-type" for k, _ in hs):
+        hs.append(("Content-Type", "application/json"))
+    if hold is None:
+        hs.append(("Content-Length", str(len(body))))
+    hs.append(("Connection", "close"))
+    a = {"status": status, "reason": "X", "headers": hs, "body": body, "framing": "none"}
+    if hold is not None:
+        a.update(action="hold", hold_ms=hold * 1000)
+    return a
 
 
 OK_BODY = json.dumps({
@@ -327,7 +242,10 @@ def err_body(status, kind):
 
 
 def scripted(answers):
-    s = Scripted(answers)
+    """An upstream whose Nth request gets answer(*ANSWERS[N]) (the last one
+    again when the script is used up), one request per connection; records
+    when each request arrived (.arrivals)."""
+    s = H.ScriptedUpstream([answer(*a) for a in answers])
     STARTED.append(s)
     return s
 
@@ -909,18 +827,7 @@ TESTS = [
 
 
 def main():
-    run = H.Runner("test_busy")
-    only = set(sys.argv[1:])
-    for name, fn in TESTS:
-        if only and name not in only:
-            continue
-        try:
-            run.run(name, fn)
-        finally:
-            for log, rc, alive in stop_started():
-                run.fail(name + "_dsgate_exit", "dsgate %s with status %s; log %s"
-                         % ("exited on SIGTERM" if alive else "died during the test", rc, log))
-    return run.finish()
+    return H.main("test_busy", TESTS, started=STARTED)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import gzip
 import json
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -113,21 +112,6 @@ def shared():
         SHARED["d"] = H.Dsgate(config_text=config(port, SHARED["f"].url), tag="cache-shared",
                                port=port)
     return SHARED["d"], SHARED["f"]
-
-
-def stop_started():
-    """Stop what the test started; the dsgates that died or did not exit 0."""
-    bad = []
-    while STARTED:
-        o = STARTED.pop()
-        alive = not isinstance(o, H.Dsgate) or o.alive()
-        try:
-            rc = o.stop()
-        except Exception:                       # noqa: BLE001
-            rc = None
-        if isinstance(o, H.Dsgate) and (not alive or rc != 0):
-            bad.append((o.log_path, rc, alive))
-    return bad
 
 
 # ---------------------------------------------------------------- helpers
@@ -246,79 +230,24 @@ def together(port, n, body, headers, path=CHAT, timeout=20.0, sse=False):
     return parallel([lambda i=i: one(i) for i in range(n)], n)
 
 
-class GzipUpstream:
+def gzip_upstream(delay=0.4):
     """An upstream that compresses its JSON answer when the request says
     Accept-Encoding: gzip, as HTTP servers and CDNs do (the openai SDKs send
-    it by default).  Waits DELAY s before answering; counts requests."""
-
-    def __init__(self, delay=0.4):
-        self.delay = delay
-        self.n = 0
-        self.lock = threading.Lock()
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(64)
-        self.port = self.lsock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def _serve(self):
-        while True:
-            try:
-                s, _ = self.lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(s,), daemon=True).start()
-
-    def _one(self, s):
-        s.settimeout(5.0)
-        try:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                d = s.recv(65536)
-                if not d:
-                    return
-                buf += d
-            head, _, rest = buf.partition(b"\r\n\r\n")
-            hs = {}
-            for line in head.split(b"\r\n")[1:]:
-                k, _, v = line.decode("latin-1").partition(":")
-                hs[k.strip().lower()] = v.strip()
-            while len(rest) < int(hs.get("content-length", "0")):
-                d = s.recv(65536)
-                if not d:
-                    break
-                rest += d
-            with self.lock:
-                self.n += 1
-                n = self.n
-            time.sleep(self.delay)
-            payload = json.dumps({"id": "chatcmpl-gz-%d" % n, "object": "chat.completion",
-                                  "choices": [{"index": 0, "message": {
-                                      "role": "assistant", "content": "x" * 200},
-                                      "finish_reason": "stop"}]}).encode()
-            extra = ""
-            if "gzip" in hs.get("accept-encoding", ""):
-                payload = gzip.compress(payload)
-                extra = "Content-Encoding: gzip\r\n"
-            out = ("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%s"
-                   "Content-Length: %d\r\nConnection: close\r\n\r\n" % (extra, len(payload)))
-            s.sendall(out.encode("latin-1") + payload)
-        except OSError:
-            pass
-        finally:
-            s.close()
-
-    def stop(self):
-        try:
-            self.lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.lsock.close()
+    it by default).  Waits DELAY s before answering; .requests counts."""
+    def answer(req):
+        payload = json.dumps({"id": "chatcmpl-gz-%d" % (req.n + 1), "object": "chat.completion",
+                              "choices": [{"index": 0, "message": {
+                                  "role": "assistant", "content": "x" * 200},
+                                  "finish_reason": "stop"}]}).encode()
+        hs = [("Content-Type", "application/json")]
+        if "gzip" in (req.header("accept-encoding") or ""):
+            payload = gzip.compress(payload)
+            hs.append(("Content-Encoding", "gzip"))
+        hs += [("Content-Length", str(len(payload))), ("Connection", "close")]
+        return {"headers": hs, "body": payload, "delay_ms": delay * 1000}
+    g = H.ScriptedUpstream(answer)
+    STARTED.append(g)
+    return g
 
 
 def decoded_json(r):
@@ -870,9 +799,10 @@ def t_200_error_or_junk_not_cached():
         ("no_done", "text/event-stream", b'data: {"id":"x","choices":[]}\n\n'),
     ]
     for name, ctype, payload in cases:
-        raw = H.RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype.encode() +
-                            b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(payload)
-                            + payload)
+        raw = H.ScriptedUpstream({"headers": [("Content-Type", ctype),
+                                              ("Content-Length", str(len(payload))),
+                                              ("Connection", "close")],
+                                  "body": payload})
         try:
             d = dsgate(raw.url, "raw-" + name)
             body = chat("raw %s" % name, stream=ctype.startswith("text/"))
@@ -1263,8 +1193,7 @@ def t_gzip_followers_decodable():
     """The upstream compresses (Accept-Encoding: gzip, sent by the openai
     SDKs): every coalesced answer must still be readable as its headers
     say, also for a follower that did not ask for gzip."""
-    g = GzipUpstream(delay=0.5)
-    STARTED.append(g)
+    g = gzip_upstream(delay=0.5)
     d = dsgate(g.url, "gzip-coalesce")
     body = chat("compressed together " + tid())
     gz = {"Accept-Encoding": "gzip, deflate"}
@@ -1281,7 +1210,7 @@ def t_gzip_followers_decodable():
             problems.append("#%d coalesced=%s content-encoding=%s: %s (body starts %r)"
                             % (i, r.header("x-dsgate-coalesced"), r.header("content-encoding"),
                                type(e).__name__, r.body[:4]))
-    note("gzip upstream: %d upstream calls for 5 identical requests", g.n)
+    note("gzip upstream: %d upstream calls for 5 identical requests", len(g.requests))
     check(not problems, "%d of 5 answers cannot be read: %s", len(problems),
           "; ".join(problems))
 
@@ -1289,8 +1218,7 @@ def t_gzip_followers_decodable():
 def t_gzip_answers_cached():
     """Answers to clients that send Accept-Encoding: gzip (the openai SDKs
     do) are cached too: the second identical request is a HIT, readable."""
-    g = GzipUpstream(delay=0)
-    STARTED.append(g)
+    g = gzip_upstream(delay=0)
     d = dsgate(g.url, "gzip-cache")
     body = chat("compressed twice " + tid())
     gz = {"Accept-Encoding": "gzip, deflate"}
@@ -1301,7 +1229,7 @@ def t_gzip_answers_cached():
     check(r2.status == 200, "second: status %s", r2.status)
     j2 = decoded_json(r2)
     check(xcache(r2) == "HIT", "second: X-Cache %r: an answer to Accept-Encoding: gzip was not "
-          "stored (upstream calls %d)", xcache(r2), g.n)
+          "stored (upstream calls %d)", xcache(r2), len(g.requests))
     check(j2 == j1, "hit differs")
 
 
@@ -1666,21 +1594,13 @@ TESTS = [
 ]
 
 
-def main():
-    run = H.Runner("test_cache")
-    only = set(sys.argv[1:])
-    for name, fn in TESTS:
-        if only and name not in only:
-            continue
-        try:
-            run.run(name, fn)
-        finally:
-            for log, rc, alive in stop_started():
-                run.fail(name + "_dsgate_exit", "dsgate %s with status %s; log %s"
-                         % ("exited on SIGTERM" if alive else "died during the test", rc, log))
-            if "d" in SHARED and not SHARED["d"].alive():
-                run.fail(name + "_dsgate_died", "the shared dsgate died: %s; log %s"
-                         % (SHARED["d"].crash_summary(), SHARED["d"].log_path))
+def _shared_alive(run, name):
+    if "d" in SHARED and not SHARED["d"].alive():
+        run.fail(name + "_dsgate_died", "the shared dsgate died: %s; log %s"
+                 % (SHARED["d"].crash_summary(), SHARED["d"].log_path))
+
+
+def _stop_shared(run):
     if "d" in SHARED:
         d = SHARED["d"]
         alive = d.alive()
@@ -1692,7 +1612,11 @@ def main():
                      % (rc, d.log_path))
     if "f" in SHARED:
         SHARED["f"].stop()
-    return run.finish()
+
+
+def main():
+    return H.main("test_cache", TESTS, started=STARTED, after_each=_shared_alive,
+                  final=_stop_shared)
 
 
 if __name__ == "__main__":

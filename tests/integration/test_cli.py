@@ -122,13 +122,7 @@ TESTS = [
 
 
 def main():
-    run = H.Runner("test_cli")
-    if not os.access(H.DSGATE, os.X_OK):
-        run.fail_all([n for n, _ in TESTS], "setup: %s not built" % H.DSGATE)
-        return run.finish()
-    for name, fn in TESTS:
-        run.run(name, fn)
-    return run.finish()
+    return H.main("test_cli", TESTS, require=[(H.DSGATE, H.DSGATE)])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ headers and an unreachable upstream.
 Pair "limits": a fake upstream behind a dsgate with small limits
 (max_body 1KB, max_headers 8KB, header_timeout 1s), first_data 1s and an
 api_key_env naming a variable that is not set.
-Pair "raw": a dsgate in front of a tiny canned upstream (harness.RawUpstream)
+Pair "raw": a dsgate in front of a canned upstream (harness.ScriptedUpstream)
 that sends hop-by-hop response headers; it is then closed, which makes the
 upstream unreachable (502).
 """
@@ -314,19 +314,21 @@ def t_stop_limits():
 # ---------------------------------------------------------------- raw pair
 
 RAW_BODY = b'{"ok":true,"from":"raw"}'
-RAW_RESPONSE = (
-    b"HTTP/1.1 200 OK\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Content-Length: %d\r\n"
-    b"Connection: close, X-Hop-Resp\r\n"
-    b"X-Hop-Resp: must-not-pass\r\n"
-    b"Keep-Alive: timeout=5, max=100\r\n"
-    b"Proxy-Authenticate: Basic realm=\"x\"\r\n"
-    b"Proxy-Connection: keep-alive\r\n"
-    b"Trailer: X-Some-Trailer\r\n"
-    b"Upgrade: h2c\r\n"
-    b"X-End-To-End: kept\r\n"
-    b"\r\n" % len(RAW_BODY)) + RAW_BODY
+RAW_ANSWER = {                   # every header sent as it is, hop-by-hop ones included
+    "headers": [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(RAW_BODY))),
+        ("Connection", "close, X-Hop-Resp"),
+        ("X-Hop-Resp", "must-not-pass"),
+        ("Keep-Alive", "timeout=5, max=100"),
+        ("Proxy-Authenticate", 'Basic realm="x"'),
+        ("Proxy-Connection", "keep-alive"),
+        ("Trailer", "X-Some-Trailer"),
+        ("Upgrade", "h2c"),
+        ("X-End-To-End", "kept"),
+    ],
+    "body": RAW_BODY,
+}
 
 
 def t_hop_by_hop_response_raw():
@@ -341,7 +343,7 @@ def t_hop_by_hop_response_raw():
         bad.append("connection: " + conn)
     check(not bad, "hop-by-hop response headers passed back: %s", bad)
     # the upstream saw its own Host
-    head = P["raw"].requests[-1] if P["raw"].requests else ""
+    head = P["raw"].requests[-1].head if P["raw"].requests else ""
     want = "host: 127.0.0.1:%d" % P["raw"].port
     check(want in head.lower(), "upstream saw head %r", head[:300])
 
@@ -396,32 +398,28 @@ RAW_TESTS = [
 ]
 
 
+def _setup_limits():
+    P["fake"] = H.Fake(name="limits")
+    P["dsgate"] = H.Dsgate(
+        tag="limits", upstream_url=P["fake"].url,
+        api_key_env="DSGATE_IT_UNSET_KEY_VARIABLE",
+        timeouts={"connect": "1s", "first_data": "1s", "idle": "5s"},
+        limits={"max_body": "1KB", "max_headers": "8KB", "header_timeout": "1s",
+                "body_timeout": "2s", "idle_timeout": "2s"})
+
+
+def _setup_raw():
+    P["raw"] = H.ScriptedUpstream(RAW_ANSWER)
+    P["raw_dsgate"] = H.Dsgate(tag="raw", upstream_url=P["raw"].url,
+                               timeouts={"connect": "1s", "first_data": "2s"})
+
+
 def main():
-    run = H.Runner("test_errors")
-    only = set(sys.argv[1:])
-    try:
-        P["fake"] = H.Fake(name="limits")
-        P["dsgate"] = H.Dsgate(
-            tag="limits", upstream_url=P["fake"].url,
-            api_key_env="DSGATE_IT_UNSET_KEY_VARIABLE",
-            timeouts={"connect": "1s", "first_data": "1s", "idle": "5s"},
-            limits={"max_body": "1KB", "max_headers": "8KB", "header_timeout": "1s",
-                    "body_timeout": "2s", "idle_timeout": "2s"})
-    except Exception as e:
-        run.fail_all([n for n, _ in LIMITS_TESTS], "setup: %s" % e)
-    else:
-        H.run_tests(run, LIMITS_TESTS, P, "dsgate",
-                    final={"limits_sigterm_exit_0_no_sanitizer"}, only=only)
-    try:
-        P["raw"] = H.RawUpstream(RAW_RESPONSE)
-        P["raw_dsgate"] = H.Dsgate(tag="raw", upstream_url=P["raw"].url,
-                                   timeouts={"connect": "1s", "first_data": "2s"})
-    except Exception as e:
-        run.fail_all([n for n, _ in RAW_TESTS], "setup: %s" % e)
-    else:
-        H.run_tests(run, RAW_TESTS, P, "raw_dsgate",
-                    final={"raw_sigterm_exit_0_no_sanitizer"}, only=only)
-    return run.finish()
+    return H.main("test_errors", [
+        H.Pair(LIMITS_TESTS, _setup_limits, P, "dsgate",
+               final={"limits_sigterm_exit_0_no_sanitizer"}),
+        H.Pair(RAW_TESTS, _setup_raw, P, "raw_dsgate", final={"raw_sigterm_exit_0_no_sanitizer"}),
+    ])
 
 
 if __name__ == "__main__":

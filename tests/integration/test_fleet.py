@@ -263,12 +263,7 @@ TESTS = [
 
 
 def main():
-    run = H.Runner("test_fleet")
-    only = set(sys.argv[1:])
-    for name, fn in TESTS:
-        if not only or name in only:
-            run.run(name, fn)
-    return run.finish()
+    return H.main("test_fleet", TESTS)
 
 
 if __name__ == "__main__":

@@ -554,18 +554,15 @@ TESTS = [
 ]
 
 
+def _setup():
+    P["fake"] = H.Fake(name="gw")
+    P["dsgate"] = H.Dsgate(tag="gateway", upstream_url=P["fake"].url,
+                           api_key_env=KEY_ENV, env={KEY_ENV: CANARY})
+
+
 def main():
-    run = H.Runner("test_gateway")
-    try:
-        P["fake"] = H.Fake(name="gw")
-        P["dsgate"] = H.Dsgate(tag="gateway", upstream_url=P["fake"].url,
-                               api_key_env=KEY_ENV, env={KEY_ENV: CANARY})
-    except Exception as e:
-        run.fail_all([n for n, _ in TESTS], "setup: %s" % e)
-        return run.finish()
-    H.run_tests(run, TESTS, P, final={"sigterm_exit_0_no_key_no_sanitizer"},
-                only=set(sys.argv[1:]))
-    return run.finish()
+    return H.main("test_gateway", [H.Pair(TESTS, _setup, P,
+                                          final={"sigterm_exit_0_no_key_no_sanitizer"})])
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import random
 import re
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -144,43 +143,22 @@ def rewrite(d, text):
     os.replace(tmp, d.config_path)
 
 
-class Listener:
-    """A loopback TCP listener that only counts (and holds) connections:
-    a stand-in for 'another host' or a proxy that must never be contacted."""
+class Listener(H.ScriptedUpstream):
+    """A loopback TCP listener that only counts connections (and keeps what
+    each sent first, for half a second, then closes it): a stand-in for
+    'another host' or a proxy that must never be contacted."""
 
     def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.first = b""
-        self._stop = False
-        threading.Thread(target=self._run, daemon=True).start()
+        super().__init__({"action": "close", "at": "start"}, http=False, first_bytes_ms=500)
         OTHERS.append(self)
 
-    def _run(self):
-        while not self._stop:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            s.settimeout(0.5)
-            try:
-                self.first += s.recv(200)
-            except OSError:
-                pass
-            s.close()
+    @property
+    def accepted(self):
+        return self.connections
 
-    def stop(self):
-        self._stop = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+    @property
+    def first(self):
+        return self.received
 
 
 # ---------------------------------------------------------------- /proc
@@ -1458,124 +1436,35 @@ def tls_material():
     return _TLS["cert"], _TLS["key"]
 
 
-class TlsUpstream:
-    """An HTTPS server (Python ssl, the self-signed cert) answering every
-    request with a small chat completion.  Counts handshakes and requests."""
-
-    BODY = json.dumps({"id": "chatcmpl-tls", "object": "chat.completion", "model": "x",
+TLS_BODY = json.dumps({"id": "chatcmpl-tls", "object": "chat.completion", "model": "x",
                        "choices": [{"index": 0, "message": {"role": "assistant",
                                                             "content": "over tls"},
                                     "finish_reason": "stop"}]}).encode()
 
-    def __init__(self):
-        cert, key = tls_material()
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(cert, key)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(32)
-        self.port = self.sock.getsockname()[1]
-        self.handshakes = 0
-        self.requests = []
-        self._stop = False
-        threading.Thread(target=self._run, daemon=True).start()
-        OTHERS.append(self)
 
-    def _run(self):
-        while not self._stop:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(s,), daemon=True).start()
-
-    def _one(self, raw):
-        raw.settimeout(5)
-        try:
-            s = self.ctx.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError):
-            raw.close()
-            return
-        self.handshakes += 1
-        try:
-            while True:
-                buf = b""
-                while b"\r\n\r\n" not in buf:
-                    d = s.recv(65536)
-                    if not d:
-                        return
-                    buf += d
-                head, _, rest = buf.partition(b"\r\n\r\n")
-                self.requests.append(head.decode("latin-1"))
-                cl = 0
-                for ln in head.split(b"\r\n")[1:]:
-                    k, _, v = ln.partition(b":")
-                    if k.strip().lower() == b"content-length":
-                        cl = int(v)
-                while len(rest) < cl:
-                    d = s.recv(65536)
-                    if not d:
-                        return
-                    rest += d
-                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n%s" % (len(self.BODY), self.BODY))
-        except (ssl.SSLError, OSError):
-            pass
-        finally:
-            s.close()
-
-    def stop(self):
-        self._stop = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+def tls_upstream():
+    """An HTTPS server (Python ssl, the self-signed cert) answering every
+    request with a small chat completion, keep-alive."""
+    u = H.ScriptedUpstream({"headers": [("Content-Type", "application/json"),
+                                        ("Content-Length", str(len(TLS_BODY)))],
+                            "body": TLS_BODY, "action": "keep"},
+                           tls=tls_material(), io_timeout=5.0, idle_timeout=5.0)
+    OTHERS.append(u)
+    return u
 
 
-class PlainHttp:
+def plain_http(silent=False):
     """A plain-HTTP server: whatever arrives (a TLS ClientHello included)
-    gets `400 Bad Request` and a close, as a real HTTP server answers."""
-
-    def __init__(self, silent=False):
-        self.silent = silent
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.received = b""
-        self.held = []
-        threading.Thread(target=self._run, daemon=True).start()
-        OTHERS.append(self)
-
-    def _run(self):
-        while True:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.silent:
-                self.held.append(s)         # accept, never speak
-                continue
-            s.settimeout(2)
-            try:
-                self.received += s.recv(4096)
-                s.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
-                          b"Connection: close\r\n\r\n")
-            except OSError:
-                pass
-            s.close()
-
-    def stop(self):
-        for s in self.held:
-            s.close()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+    gets `400 Bad Request` and a close, as a real HTTP server answers; or,
+    SILENT, nothing at all (the connection is held open)."""
+    if silent:
+        ans = H.NEVER
+    else:
+        ans = {"raw": b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                      b"Connection: close\r\n\r\n"}
+    u = H.ScriptedUpstream(ans, http=False, first_bytes_ms=2000, backlog=16)
+    OTHERS.append(u)
+    return u
 
 
 def t_tls_upstream():
@@ -1583,9 +1472,9 @@ def t_tls_upstream():
     downgrade); one with a self-signed certificate -> 502; the same with
     `insecure: true` (127.0.0.1) or with `ca_file` naming the certificate
     -> 200."""
-    tls = TlsUpstream()
-    plain = PlainHttp()
-    silent = PlainHttp(silent=True)
+    tls = tls_upstream()
+    plain = plain_http()
+    silent = plain_http(silent=True)
     cert, _ = tls_material()
     t1s = {"connect": "1s", "first_data": "2s"}
     cases = [
@@ -1625,7 +1514,7 @@ def t_proxy_env_ignored():
     listener sees no connection."""
     px = Listener()
     f = fake(name="proxyenv")
-    tls = TlsUpstream()
+    tls = tls_upstream()
     purl = "http://127.0.0.1:%d" % px.port
     env = {k: purl for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY",
                              "ALL_PROXY", "all_proxy")}
@@ -2251,23 +2140,14 @@ def _cleanup(run, name):
     del STARTED[:]
     for o in reversed(OTHERS):
         try:
-            o.stop() if not isinstance(o, H.RawUpstream) else o.close()
+            o.stop()
         except Exception:                       # noqa: BLE001
             pass
     del OTHERS[:]
 
 
 def main():
-    run = H.Runner("test_hardening")
-    only = set(sys.argv[1:])
-    for name, fn in TESTS:
-        if only and name not in only:
-            continue
-        try:
-            run.run(name, fn)
-        finally:
-            _cleanup(run, name)
-    return run.finish()
+    return H.main("test_hardening", TESTS, after_each=_cleanup)
 
 
 if __name__ == "__main__":

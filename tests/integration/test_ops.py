@@ -639,6 +639,7 @@ def find_promtool():
     return p, None
 
 
+@H.reports
 def t_promtool(run, name):
     text = P.get("metrics_text")
     if text is None:
@@ -955,8 +956,8 @@ def t_health_cli():
                        stderr=subprocess.STDOUT, env=env, timeout=20)
     check(p.returncode == 1, "--health against a closed port: exit %d (want 1)", p.returncode)
     # a non-200 answer is unhealthy too
-    raw = H.RawUpstream(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                        b"Connection: close\r\n\r\n")
+    raw = H.ScriptedUpstream({"status": 503,
+                              "headers": [("Content-Length", "0"), ("Connection", "close")]})
     try:
         p = subprocess.run([H.DSGATE, "--health", raw.url + "/healthz"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -977,7 +978,7 @@ TESTS = [
     ("drain_second_signal", t_drain_second_signal),
     ("drain_timeout_503", t_drain_timeout_503),
     ("metrics_sequence", t_metrics_sequence),
-    ("promtool_check_metrics", None),
+    ("promtool_check_metrics", t_promtool),
     ("access_log", t_access_log),
     ("access_log_end", t_access_log_end),
     ("rejected_requests_logged", t_rejected_requests_logged),
@@ -989,23 +990,8 @@ TESTS = [
 
 
 def main():
-    run = H.Runner("test_ops")
-    only = set(sys.argv[1:])
-    for b, what in ((H.DSGATE, "dsgate"), (H.FAKE, "fake_upstream")):
-        if not os.access(b, os.X_OK):
-            run.fail_all([n for n, _ in TESTS], "setup: %s (%s) not built" % (b, what))
-            return run.finish()
-    for name, fn in TESTS:
-        if only and name not in only:
-            continue
-        if fn is None:
-            try:
-                t_promtool(run, name)
-            except Exception as e:
-                run.fail(name, "%s: %s" % (type(e).__name__, e))
-            continue
-        run.run(name, fn)
-    return run.finish()
+    return H.main("test_ops", TESTS, require=[(H.DSGATE, "%s (dsgate)" % H.DSGATE),
+                                              (H.FAKE, "%s (fake_upstream)" % H.FAKE)])
 
 
 if __name__ == "__main__":

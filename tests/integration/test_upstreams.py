@@ -137,22 +137,6 @@ def dsgate(ups, tag, **cfg):
     return d
 
 
-def stop_started():
-    """Stop what the test started; the dsgates that crashed or did not exit 0
-    on SIGTERM, as [(log path, exit status, was it still running)]."""
-    bad = []
-    while STARTED:
-        o = STARTED.pop()
-        alive = not isinstance(o, H.Dsgate) or o.alive()
-        try:
-            rc = o.stop()
-        except Exception:                       # noqa: BLE001
-            rc = None
-        if isinstance(o, H.Dsgate) and (not alive or rc != 0):
-            bad.append((o.log_path, rc, alive))
-    return bad
-
-
 # ---------------------------------------------------------------- clients
 
 def post(port, body=None, headers=None, timeout=15.0):
@@ -783,18 +767,7 @@ TESTS = [
 
 
 def main():
-    run = H.Runner("test_upstreams")
-    only = set(sys.argv[1:])
-    for name, fn in TESTS:
-        if only and name not in only:
-            continue
-        try:
-            run.run(name, fn)
-        finally:
-            for log, rc, alive in stop_started():
-                run.fail(name + "_dsgate_exit", "dsgate %s with status %s; log %s"
-                         % ("exited on SIGTERM" if alive else "died during the test", rc, log))
-    return run.finish()
+    return H.main("test_upstreams", TESTS, started=STARTED)
 
 
 if __name__ == "__main__":
