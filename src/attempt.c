@@ -77,6 +77,55 @@ attempt_header_forwardable(const char *name, const char *connection)
              strcasecmp(name, "Expect") == 0 || strcasecmp(name, "X-Priority") == 0);
 }
 
+int
+client_headers_copy(struct client_headers *ch, const struct http_req *hr, bool no_encoding)
+{
+    const char *conn = http_req_header(hr, "Connection");
+    size_t offs[ATTEMPT_MAX_HEADERS];
+    size_t n = 0;
+
+    ch->store = evbuffer_new();
+    if (!ch->store) {
+        return -1;
+    }
+    for (size_t i = 0; i < hr->nheaders && n < ATTEMPT_MAX_HEADERS; i++) {
+        const char *name = hr->headers[i].name;
+        if (!attempt_header_forwardable(name, conn) ||
+            (no_encoding && strcasecmp(name, "Accept-Encoding") == 0)) {
+            continue; /* shared and cached answers stay uncompressed */
+        }
+        if (strcasecmp(name, "Content-Type") == 0) {
+            ch->have_ct = true;
+        } else if (strcasecmp(name, "Accept") == 0) {
+            ch->have_accept = true;
+        }
+        offs[n++] = evbuffer_get_length(ch->store);
+        const char *value = hr->headers[i].value;
+        evbuffer_add(ch->store, name, strlen(name));
+        if (value[0]) {
+            evbuffer_add(ch->store, ": ", 2);
+            evbuffer_add(ch->store, value, strlen(value) + 1);
+        } else {
+            evbuffer_add(ch->store, ";", 2); /* curl's way to send it empty */
+        }
+    }
+    const char *base = (const char *)evbuffer_pullup(ch->store, -1);
+    for (size_t i = 0; i < n; i++) {
+        ch->line[i] = base + offs[i];
+    }
+    ch->n = n;
+    return 0;
+}
+
+void
+client_headers_free(struct client_headers *ch)
+{
+    if (ch->store) {
+        evbuffer_free(ch->store);
+    }
+    memset(ch, 0, sizeof(*ch));
+}
+
 /* The client's lines, with Authorization replaced when the upstream has a key. */
 static void
 build_forward_headers(struct attempt *a, const struct attempt_spec *s)
@@ -84,19 +133,19 @@ build_forward_headers(struct attempt *a, const struct attempt_spec *s)
     const char *key = a->up->auth_header;
     size_t n = 0;
 
-    for (size_t i = 0; i < s->nchdr; i++) {
-        if (key && strncasecmp(s->chdr[i], "Authorization", 13) == 0 &&
-            (s->chdr[i][13] == ':' || s->chdr[i][13] == ';')) {
+    for (size_t i = 0; i < s->ch->n; i++) {
+        const char *l = s->ch->line[i];
+        if (key && strncasecmp(l, "Authorization", 13) == 0 && (l[13] == ':' || l[13] == ';')) {
             continue;
         }
-        a->fwd[n++] = s->chdr[i];
+        a->fwd[n++] = l;
     }
     /* suppress what libcurl would add on its own */
     a->fwd[n++] = "Expect:";
-    if (!s->have_ct) {
+    if (!s->ch->have_ct) {
         a->fwd[n++] = "Content-Type:";
     }
-    if (!s->have_accept) {
+    if (!s->ch->have_accept) {
         a->fwd[n++] = "Accept:";
     }
     if (key) {

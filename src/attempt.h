@@ -81,6 +81,23 @@ struct attempt_ops {
     void (*done)(void *owner, const struct attempt_result *res);
 };
 
+/*
+ * The client's headers that may go upstream, copied once when the request
+ * starts: attempts are built from this copy, never from the client's
+ * request, because a leader whose client left goes on for its followers.
+ */
+struct client_headers {
+    struct evbuffer *store;
+    const char *line[ATTEMPT_MAX_HEADERS]; /* "Name: value" */
+    size_t n;
+    bool have_ct, have_accept;
+};
+
+struct http_req;
+/* Copy HR's forwardable headers (without Accept-Encoding when NO_ENCODING); 0 or -1. */
+int client_headers_copy(struct client_headers *ch, const struct http_req *hr, bool no_encoding);
+void client_headers_free(struct client_headers *ch);
+
 /* What the request gives each attempt (borrowed for the attempt's life). */
 struct attempt_spec {
     const char *method;
@@ -89,9 +106,7 @@ struct attempt_spec {
     size_t body_len;
     const char *model; /* the client's model, or NULL */
     json_t *doc;       /* the parsed body when a model may be renamed, or NULL */
-    const char *const *chdr; /* the client's forwardable header lines */
-    size_t nchdr;
-    bool have_ct, have_accept;
+    const struct client_headers *ch;
     bool count_usage; /* keep the answer's tail for its "usage" */
 };
 

@@ -1,9 +1,18 @@
 /*
- * reply: the X-Cache and X-Dsgate-* headers of an answer.
+ * reply: the X-Cache and X-Dsgate-* headers of an answer, and the answers
+ * dsgate makes itself.
  */
 #include <stdio.h>
 
+#include <event2/buffer.h>
+
+#include "access.h"
+#include "cache.h"
+#include "gateway.h"
+#include "http.h"
+#include "metrics.h"
 #include "reply.h"
+#include "request.h"
 
 size_t
 reply_headers(struct http_header *h, const struct reply_info *ri, struct reply_buf *b)
@@ -24,4 +33,130 @@ reply_headers(struct http_header *h, const struct reply_info *ri, struct reply_b
         h[n++] = (struct http_header){"X-Dsgate-Upstream", ri->upstream};
     }
     return n;
+}
+
+static void
+reply_error(struct request *r, int status, const char *type, const char *code, const char *message)
+{
+    struct http_header h[REPLY_MAX_HEADERS];
+    struct reply_buf rb;
+    struct reply_info ri = {
+        .attempts = r->attempts,
+        .queue_ms = r->queue_us / 1000,
+        .upstream = r->attempts > 0 && r->att.up ? r->att.up->conf->name : NULL,
+    };
+    size_t nh = reply_headers(h, &ri, &rb);
+
+    r->status = status;
+    http_reply_error_h(r->hreq, status, type, code, message, h, nh);
+    r->hreq = NULL;
+}
+
+static void
+send_sse_error(struct request *r, const char *code, const char *message)
+{
+    char buf[512];
+
+    /* close any half-sent line or event first, so the error stands alone */
+    int n = snprintf(buf, sizeof(buf),
+                     "%sevent: error\ndata: {\"error\":{\"message\":\"%s\","
+                     "\"type\":\"upstream_error\",\"code\":\"%s\"}}\n\n",
+                     r->scan.mid_line ? "\n\n" : (r->scan.mid_event ? "\n" : ""), message, code);
+    http_reply_data(r->hreq, buf, (size_t)n);
+}
+
+void
+reply_fail(struct request *r, int status, const char *code, const char *message, enum req_end end)
+{
+    r->end = end;
+    if (!r->hreq) {
+        return;
+    }
+    if (!http_reply_started(r->hreq)) {
+        reply_error(r, status, status == 429 ? "rate_limit_error" : "upstream_error", code,
+                    message);
+    } else if (r->sse) {
+        send_sse_error(r, code, message);
+        http_reply_end(r->hreq, false);
+        r->hreq = NULL;
+    } else {
+        http_reply_end(r->hreq, true); /* an incomplete body must not look complete */
+        r->hreq = NULL;
+    }
+}
+
+static void
+entry_release(void *arg)
+{
+    cache_entry_unref(arg);
+}
+
+void
+reply_cached(struct request *r, struct cache_entry *e, const char *tier)
+{
+    struct http_header h[1 + REPLY_MAX_HEADERS];
+    struct reply_buf rb;
+    struct reply_info ri = {.cache = "HIT"};
+
+    h[0] = (struct http_header){"Content-Type", e->ctype};
+    size_t nh = 1 + reply_headers(h + 1, &ri, &rb);
+    r->status = 200;
+    r->cache_status = CS_HIT;
+    r->end = END_CACHE_HIT;
+    metrics_addf("dsgate_cache_hits_total", 1, "tier=\"%s\"", tier);
+    if (!r->hreq) {
+        cache_entry_unref(e);
+        return;
+    }
+    r->bytes_out = e->body_len;
+    http_reply_start(r->hreq, 200, h, nh, (int64_t)e->body_len);
+    http_reply_data_ref(r->hreq, e->body, e->body_len, entry_release, e);
+    http_reply_end(r->hreq, false);
+    r->hreq = NULL;
+}
+
+void
+reply_auth(struct request *r, struct gw_upstream *u)
+{
+    struct http_header h[1 + REPLY_MAX_HEADERS];
+    struct reply_buf rb;
+    struct reply_info ri = {.upstream = u->conf->name};
+
+    h[0] = (struct http_header){"Content-Type", "application/json"};
+    size_t nh = 1 + reply_headers(h + 1, &ri, &rb);
+    r->status = u->auth_status;
+    r->end = END_CIRCUIT_OPEN;
+    if (r->hreq) {
+        http_reply(r->hreq, u->auth_status, h, nh, u->auth_body, u->auth_body_len);
+        r->hreq = NULL;
+    }
+}
+
+void
+reply_unknown_model(struct request *r)
+{
+    struct evbuffer *b = evbuffer_new();
+    const char *list = "";
+
+    if (b) {
+        for (size_t i = 0; i < r->gw->nups; i++) {
+            const struct conf_upstream *u = r->gw->ups[i]->conf;
+            for (size_t j = 0; j < u->nmodels; j++) {
+                evbuffer_add_printf(b, "%s%s", evbuffer_get_length(b) ? ", " : "",
+                                    u->models[j].from);
+            }
+        }
+        evbuffer_add(b, "", 1);
+        list = (const char *)evbuffer_pullup(b, -1);
+    }
+    char msg[1024];
+    snprintf(msg, sizeof(msg), "The model `%s` does not exist; available models: %s", r->model,
+             list);
+    r->status = 404;
+    r->end = END_UNKNOWN_MODEL;
+    http_reply_error(r->hreq, 404, "invalid_request_error", "model_not_found", msg);
+    r->hreq = NULL;
+    if (b) {
+        evbuffer_free(b);
+    }
 }

@@ -1,6 +1,7 @@
 /*
  * reply: the headers dsgate adds to every answer it proxies, replays or
- * makes itself (X-Cache, X-Dsgate-*), built in one place.
+ * makes itself (X-Cache, X-Dsgate-*), built in one place; and the answers
+ * dsgate makes itself.
  */
 #ifndef DSGATE_REPLY_H
 #define DSGATE_REPLY_H
@@ -29,5 +30,26 @@ struct reply_buf {
 
 /* Append the set to H (room for REPLY_MAX_HEADERS); returns how many. */
 size_t reply_headers(struct http_header *h, const struct reply_info *ri, struct reply_buf *b);
+
+/*
+ * How a request's answer goes out when dsgate makes it itself (below:
+ * errors, cache hits, the stored auth answer, unknown models).  Each sets
+ * the request's status and end and drops its client pointer once the
+ * reply is over.
+ */
+struct cache_entry;
+struct gw_upstream;
+struct request;
+enum req_end;
+
+/* The request failed: tell the client in the best way still open (JSON, SSE error, cut). */
+void reply_fail(struct request *r, int status, const char *code, const char *message,
+                enum req_end end);
+/* Answer from a cache entry of TIER ("memory", "redis"); takes the reference. */
+void reply_cached(struct request *r, struct cache_entry *e, const char *tier);
+/* Every eligible upstream is shut by 401/402/403: the answer U stored. */
+void reply_auth(struct request *r, struct gw_upstream *u);
+/* 404 naming the models the configured upstreams take. */
+void reply_unknown_model(struct request *r);
 
 #endif

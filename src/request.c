@@ -52,6 +52,7 @@
 #include "gateway.h"
 #include "http.h"
 #include "log.h"
+#include "lookup.h"
 #include "metrics.h"
 #include "reply.h"
 #include "request.h"
@@ -110,138 +111,6 @@ bool
 request_wanted(const struct request *r)
 {
     return r->hreq || flight_has_followers(r);
-}
-
-/* ---- replies ------------------------------------------------------------------ */
-
-static void
-reply_error(struct request *r, int status, const char *type, const char *code, const char *message)
-{
-    struct http_header h[REPLY_MAX_HEADERS];
-    struct reply_buf rb;
-    struct reply_info ri = {
-        .attempts = r->attempts,
-        .queue_ms = r->queue_us / 1000,
-        .upstream = r->attempts > 0 && r->att.up ? r->att.up->conf->name : NULL,
-    };
-    size_t nh = reply_headers(h, &ri, &rb);
-
-    r->status = status;
-    http_reply_error_h(r->hreq, status, type, code, message, h, nh);
-    r->hreq = NULL;
-}
-
-static void
-send_sse_error(struct request *r, const char *code, const char *message)
-{
-    char buf[512];
-
-    /* close any half-sent line or event first, so the error stands alone */
-    int n = snprintf(buf, sizeof(buf),
-                     "%sevent: error\ndata: {\"error\":{\"message\":\"%s\","
-                     "\"type\":\"upstream_error\",\"code\":\"%s\"}}\n\n",
-                     r->scan.mid_line ? "\n\n" : (r->scan.mid_event ? "\n" : ""), message, code);
-    http_reply_data(r->hreq, buf, (size_t)n);
-}
-
-/* The request failed: tell the client in the best way still open to us. */
-static void
-fail(struct request *r, int status, const char *code, const char *message, enum req_end end)
-{
-    r->end = end;
-    if (!r->hreq) {
-        return;
-    }
-    if (!http_reply_started(r->hreq)) {
-        reply_error(r, status, status == 429 ? "rate_limit_error" : "upstream_error", code,
-                    message);
-    } else if (r->sse) {
-        send_sse_error(r, code, message);
-        http_reply_end(r->hreq, false);
-        r->hreq = NULL;
-    } else {
-        http_reply_end(r->hreq, true); /* an incomplete body must not look complete */
-        r->hreq = NULL;
-    }
-}
-
-static void
-entry_release(void *arg)
-{
-    cache_entry_unref(arg);
-}
-
-/* Answer from a cache entry (takes the reference). */
-static void
-reply_entry(struct request *r, struct cache_entry *e, const char *tier)
-{
-    struct http_header h[1 + REPLY_MAX_HEADERS];
-    struct reply_buf rb;
-    struct reply_info ri = {.cache = "HIT"};
-
-    h[0] = (struct http_header){"Content-Type", e->ctype};
-    size_t nh = 1 + reply_headers(h + 1, &ri, &rb);
-    r->status = 200;
-    r->cache_status = CS_HIT;
-    r->end = END_CACHE_HIT;
-    metrics_addf("dsgate_cache_hits_total", 1, "tier=\"%s\"", tier);
-    if (!r->hreq) {
-        cache_entry_unref(e);
-        return;
-    }
-    r->bytes_out = e->body_len;
-    http_reply_start(r->hreq, 200, h, nh, (int64_t)e->body_len);
-    http_reply_data_ref(r->hreq, e->body, e->body_len, entry_release, e);
-    http_reply_end(r->hreq, false);
-    r->hreq = NULL;
-}
-
-/* Every eligible upstream is shut by 401/402/403: the answer that shut it. */
-static void
-reply_auth_blocked(struct request *r, struct gw_upstream *u)
-{
-    struct http_header h[1 + REPLY_MAX_HEADERS];
-    struct reply_buf rb;
-    struct reply_info ri = {.upstream = u->conf->name};
-
-    h[0] = (struct http_header){"Content-Type", "application/json"};
-    size_t nh = 1 + reply_headers(h + 1, &ri, &rb);
-    r->status = u->auth_status;
-    r->end = END_CIRCUIT_OPEN;
-    if (r->hreq) {
-        http_reply(r->hreq, u->auth_status, h, nh, u->auth_body, u->auth_body_len);
-        r->hreq = NULL;
-    }
-}
-
-/* 404 naming the models the configured upstreams take. */
-static void
-reply_unknown_model(struct request *r)
-{
-    struct evbuffer *b = evbuffer_new();
-    const char *list = "";
-
-    if (b) {
-        for (size_t i = 0; i < r->gw->nups; i++) {
-            const struct conf_upstream *u = r->gw->ups[i]->conf;
-            for (size_t j = 0; j < u->nmodels; j++) {
-                evbuffer_add_printf(b, "%s%s", evbuffer_get_length(b) ? ", " : "",
-                                    u->models[j].from);
-            }
-        }
-        evbuffer_add(b, "", 1);
-        list = (const char *)evbuffer_pullup(b, -1);
-    }
-    char msg[1024];
-    snprintf(msg, sizeof(msg), "The model `%s` does not exist; available models: %s", r->model,
-             list);
-    r->status = 404;
-    r->end = END_UNKNOWN_MODEL;
-    http_reply_error(r->hreq, 404, "invalid_request_error", "model_not_found", msg);
-    r->hreq = NULL;
-    if (b) {
-        evbuffer_free(b);
-    }
 }
 
 /* ---- the retry decision -------------------------------------------------------- */
@@ -385,7 +254,7 @@ attempt_over(struct request *r, const struct attempt_result *res)
         r->end = END_COMPLETED;
         if (r->hreq && !http_reply_started(r->hreq)) {
             /* curl saw a complete answer whose head we never passed on */
-            fail(r, 502, "upstream_reset", "upstream answer had no head", END_UP_RESET);
+            reply_fail(r, 502, "upstream_reset", "upstream answer had no head", END_UP_RESET);
         } else if (r->hreq) {
             http_reply_end(r->hreq, false);
             r->hreq = NULL;
@@ -399,11 +268,11 @@ attempt_over(struct request *r, const struct attempt_result *res)
     case ATT_LATE_STATUS: {
         char msg[96];
         snprintf(msg, sizeof(msg), "upstream answered %d after the stream had started", status);
-        fail(r, 502, rule->code, msg, rule->end);
+        reply_fail(r, 502, rule->code, msg, rule->end);
         break;
     }
     default:
-        fail(r, rule->status, rule->code, rule->message, rule->end);
+        reply_fail(r, rule->status, rule->code, rule->message, rule->end);
         break;
     }
     request_end(r);
@@ -532,10 +401,7 @@ start_attempt(struct request *r, struct gw_upstream *up)
         .body_len = r->body_len,
         .model = r->model,
         .doc = r->doc,
-        .chdr = r->chdr,
-        .nchdr = r->nchdr,
-        .have_ct = r->have_ct,
-        .have_accept = r->have_accept,
+        .ch = &r->ch,
         .count_usage = r->cache_path,
     };
 
@@ -545,7 +411,7 @@ start_attempt(struct request *r, struct gw_upstream *up)
     r->attempts++;
     r->t_up_start_us = now;
     if (attempt_start(&r->att, gw->up, up, &spec, &att_ops, r) < 0) {
-        fail(r, 502, "upstream_unreachable", "cannot start upstream transfer", END_INTERNAL);
+        reply_fail(r, 502, "upstream_unreachable", "cannot start upstream transfer", END_INTERNAL);
         request_end(r);
         return;
     }
@@ -567,7 +433,7 @@ admit(struct request *r)
         set_state(r, REQ_QUEUED);
         break;
     case DISPATCH_FULL:
-        fail(r, 429, "queue_full", "too many requests waiting; retry later", END_QUEUE_FULL);
+        reply_fail(r, 429, "queue_full", "too many requests waiting; retry later", END_QUEUE_FULL);
         request_end(r);
         break;
     }
@@ -590,7 +456,7 @@ route(struct request *r)
     }
     struct gw_upstream *blocked = dispatch_auth_blocked(r);
     if (blocked) {
-        reply_auth_blocked(r, blocked);
+        reply_auth(r, blocked);
         request_end(r);
         return;
     }
@@ -622,7 +488,7 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
     switch (r->state) {
     case REQ_QUEUED:
         dispatch_leave(r);
-        fail(r, 504, "queue_timeout", "request waited longer than queue.max_wait",
+        reply_fail(r, 504, "queue_timeout", "request waited longer than queue.max_wait",
              END_QUEUE_TIMEOUT);
         request_end(r);
         return;
@@ -661,9 +527,9 @@ on_dispatch_refuse(struct request *r, enum dispatch_refusal why, struct gw_upstr
 {
     assert(r->state == REQ_QUEUED);
     if (why == REFUSE_AUTH) {
-        reply_auth_blocked(r, u);
+        reply_auth(r, u);
     } else {
-        fail(r, 429, "queue_full", "displaced by a higher-priority request; retry later",
+        reply_fail(r, 429, "queue_full", "displaced by a higher-priority request; retry later",
              END_QUEUE_DISPLACED);
     }
     request_end(r);
@@ -678,7 +544,7 @@ on_follower_end(struct request *r, bool ok)
     if (ok) {
         r->end = END_COALESCED;
     } else {
-        fail(r, 502, "upstream_reset", "upstream failed while serving an identical request",
+        reply_fail(r, 502, "upstream_reset", "upstream failed while serving an identical request",
              END_COALESCED_FAILED);
     }
     if (r->hreq) {
@@ -711,7 +577,7 @@ static void
 on_flight_hit(struct request *r, struct cache_entry *e)
 {
     assert(r->state == REQ_FLEET);
-    reply_entry(r, e, "redis");
+    reply_cached(r, e, "redis");
     request_end(r);
 }
 
@@ -839,9 +705,7 @@ request_unref(struct request *r)
     if (r->timer) {
         event_free(r->timer);
     }
-    if (r->hstore) {
-        evbuffer_free(r->hstore);
-    }
+    client_headers_free(&r->ch);
     free(r->body);
     free(r->path);
     free(r->target);
@@ -924,72 +788,6 @@ later_cb(evutil_socket_t fd, short what, void *arg)
     }
 }
 
-void
-request_cache_directives(const struct http_req *hreq, bool *no_store, bool *no_cache)
-{
-    const char *cc = http_req_header(hreq, "Cache-Control");
-
-    *no_store = *no_cache = false;
-    if (!cc) {
-        return;
-    }
-    for (const char *p = cc; *p;) {
-        p += strspn(p, ", \t");
-        size_t n = strcspn(p, ", \t");
-        if (n == 8 && strncasecmp(p, "no-store", 8) == 0) {
-            *no_store = true;
-        } else if (n == 8 && strncasecmp(p, "no-cache", 8) == 0) {
-            *no_cache = true;
-        }
-        p += n;
-    }
-}
-
-/*
- * The client's headers that may go upstream, copied once when the request
- * starts: attempts are built from this copy, never from the client's
- * request, because a leader whose client left goes on for its followers.
- */
-static int
-snapshot_headers(struct request *r, const struct http_req *hr)
-{
-    const char *conn = http_req_header(hr, "Connection");
-    size_t offs[ATTEMPT_MAX_HEADERS];
-    size_t n = 0;
-
-    r->hstore = evbuffer_new();
-    if (!r->hstore) {
-        return -1;
-    }
-    for (size_t i = 0; i < hr->nheaders && n < ATTEMPT_MAX_HEADERS; i++) {
-        const char *name = hr->headers[i].name;
-        if (!attempt_header_forwardable(name, conn) ||
-            (r->cacheable && strcasecmp(name, "Accept-Encoding") == 0)) {
-            continue; /* shared and cached answers stay uncompressed */
-        }
-        if (strcasecmp(name, "Content-Type") == 0) {
-            r->have_ct = true;
-        } else if (strcasecmp(name, "Accept") == 0) {
-            r->have_accept = true;
-        }
-        offs[n++] = evbuffer_get_length(r->hstore);
-        const char *value = hr->headers[i].value;
-        evbuffer_add(r->hstore, name, strlen(name));
-        if (value[0]) {
-            evbuffer_add(r->hstore, ": ", 2);
-            evbuffer_add(r->hstore, value, strlen(value) + 1);
-        } else {
-            evbuffer_add(r->hstore, ";", 2); /* curl's way to send it empty */
-        }
-    }
-    const char *base = (const char *)evbuffer_pullup(r->hstore, -1);
-    for (size_t i = 0; i < n; i++) {
-        r->chdr[i] = base + offs[i];
-    }
-    r->nchdr = n;
-    return 0;
-}
-
 /* A request object for HREQ, counted and linked; NULL when out of memory (answered). */
 static struct request *
 request_new(struct gateway *gw, struct http_req *hreq, enum prio prio)
@@ -1020,63 +818,11 @@ request_new(struct gateway *gw, struct http_req *hreq, enum prio prio)
     }
     gw->live = r;
     if (!r->path || !r->target) {
-        fail(r, 500, "out_of_memory", "out of memory", END_INTERNAL);
+        reply_fail(r, 500, "out_of_memory", "out of memory", END_INTERNAL);
         request_end(r);
         return NULL;
     }
     return r;
-}
-
-/* The client's credential in the cache key, or NULL (cache.shared). */
-static const char *
-cache_credential(const struct gateway *gw, const struct http_req *hreq)
-{
-    return gw->conf->cache.shared ? NULL : http_req_header(hreq, "Authorization");
-}
-
-int
-request_raw_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACHE_KEY_LEN])
-{
-    return cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body, hreq->body_len,
-                         cache_credential(gw, hreq), key);
-}
-
-bool
-request_known_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACHE_KEY_LEN])
-{
-    uint8_t raw[CACHE_KEY_LEN];
-
-    return cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body,
-                         hreq->body_len, cache_credential(gw, hreq), raw) == 0 &&
-           cache_alias_get(gw->mem, raw, key);
-}
-
-/* How the cache treats the request: may it be answered, stored, shared? */
-static void
-cache_setup(struct request *r, const struct http_req *hreq, const void *doc,
-            const uint8_t *known_key)
-{
-    struct gateway *gw = r->gw;
-    bool no_store, no_cache;
-    const char *cred = cache_credential(gw, hreq);
-    uint8_t raw[CACHE_KEY_LEN];
-
-    request_cache_directives(hreq, &no_store, &no_cache);
-    r->cacheable = true;
-    r->store_ok = !no_store;
-    r->lookup = !no_store && !no_cache;
-    r->may_join = r->lookup;
-    r->cache_status = no_store ? CS_BYPASS : CS_MISS;
-    if (r->store_ok && known_key) {
-        memcpy(r->key, known_key, CACHE_KEY_LEN); /* these bytes were keyed before */
-    } else if (r->store_ok &&
-               (!doc || cache_key(gw->cache_group, r->method, r->target, doc, cred, r->key) < 0)) {
-        r->store_ok = r->lookup = r->may_join = false;
-        r->cache_status = CS_BYPASS;
-    } else if (r->store_ok && cache_raw_key(gw->cache_group, r->method, r->target, hreq->body,
-                                            hreq->body_len, cred, raw) == 0) {
-        cache_alias_put(gw->mem, raw, r->key); /* the same bytes again skip the parse */
-    }
 }
 
 static void
@@ -1090,7 +836,7 @@ on_store_reply(void *arg, struct cache_entry *e)
         if (r->gw->conf->cache.max_entries > 0) {
             cache_mem_put(r->gw->mem, e); /* promote */
         }
-        reply_entry(r, e, "redis");
+        reply_cached(r, e, "redis");
         request_end(r);
         return;
     }
@@ -1110,10 +856,10 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
     http_req_set_callbacks(hreq, on_client_close, on_client_drain, r);
     r->cache_path = cache_path;
     if (cache_path && gw->conf->cache.enabled) {
-        cache_setup(r, hreq, doc, known_key);
+        lookup_prepare(r, hreq, doc, known_key);
     }
-    if (snapshot_headers(r, hreq) < 0) {
-        fail(r, 500, "out_of_memory", "out of memory", END_INTERNAL);
+    if (client_headers_copy(&r->ch, hreq, r->cacheable) < 0) {
+        reply_fail(r, 500, "out_of_memory", "out of memory", END_INTERNAL);
         request_end(r);
         return;
     }
@@ -1128,7 +874,7 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
     if (r->lookup) {
         struct cache_entry *e = cache_mem_get(gw->mem, r->key, cache_now_ms());
         if (e) {
-            reply_entry(r, e, "memory");
+            reply_cached(r, e, "memory");
             request_end(r);
             return;
         }
@@ -1172,7 +918,7 @@ request_shutdown(struct gateway *gw)
         if (attempt_running(&r->att)) {
             attempt_cancel(&r->att);
         }
-        fail(r, 503, "shutting_down", "dsgate is shutting down; retry", END_SHUTDOWN);
+        reply_fail(r, 503, "shutting_down", "dsgate is shutting down; retry", END_SHUTDOWN);
         request_end(r);
     }
     while (gw->reap) {

@@ -70,10 +70,7 @@ struct request {
     size_t body_len;
     char *model; /* the client's "model", or NULL */
     json_t *doc; /* parsed body, kept when a model may be renamed */
-    struct evbuffer *hstore; /* the client's forwardable header lines */
-    const char *chdr[ATTEMPT_MAX_HEADERS];
-    size_t nchdr;
-    bool have_ct, have_accept;
+    struct client_headers ch; /* what of the client's headers goes upstream */
 
     /* the reply */
     int status;
@@ -163,16 +160,10 @@ enum req_end request_left_end(enum req_state state, bool data_sent);
 /*
  * Proxy an admitted request.  Takes over REQ.  DOC is its parsed JSON body
  * (borrowed) or NULL; CACHE_PATH: on cache.paths; KNOWN_KEY: its cache key
- * from request_known_key(), or NULL.
+ * from lookup_known_key() or lookup_raw_key(), or NULL.
  */
 void request_start(struct gateway *gw, struct http_req *req, enum prio prio, const void *doc,
                    bool cache_path, const uint8_t *known_key);
-/* The cache key of a request whose exact bytes were keyed before; true when found. */
-bool request_known_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
-/* The key of a request by its exact bytes (large bodies are keyed so); 0 or -1. */
-int request_raw_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
-/* Cache-Control directives the client may send: no-store, no-cache. */
-void request_cache_directives(const struct http_req *req, bool *no_store, bool *no_cache);
 /* Set up and tear down what requests share: the flight table, the reaper. */
 int request_setup(struct gateway *gw);
 void request_teardown(struct gateway *gw);

@@ -19,6 +19,7 @@
 #include "http.h"
 #include "jscan.h"
 #include "log.h"
+#include "lookup.h"
 #include "metrics.h"
 #include "models.h"
 #include "request.h"
@@ -252,7 +253,7 @@ server_handle(struct http_req *req, void *arg)
     json_t *doc = NULL;
     bool cache_path = strcmp(req->method, "POST") == 0 && path_is(c, req->path);
     bool no_store = false, no_cache = false;
-    request_cache_directives(req, &no_store, &no_cache);
+    lookup_directives(req, &no_store, &no_cache);
     /*
      * The tree is built for the canonical cache key (bodies up to
      * CACHE_PARSE_MAX) and for model routing only.  jscan checks every body
@@ -263,7 +264,7 @@ server_handle(struct http_req *req, void *arg)
     bool canonical = want_key && req->body_len <= CACHE_PARSE_MAX;
     bool need_doc = gw->has_aliases || canonical;
     uint8_t key[32];
-    bool known = cache_path && canonical && !gw->has_aliases && request_known_key(gw, req, key);
+    bool known = cache_path && canonical && !gw->has_aliases && lookup_known_key(gw, req, key);
     if (cache_path && !known) {
         const char *what;
         size_t at;
@@ -282,7 +283,7 @@ server_handle(struct http_req *req, void *arg)
             }
         }
         if (want_key && !canonical) {
-            known = request_raw_key(gw, req, key) == 0; /* keyed by its exact bytes */
+            known = lookup_raw_key(gw, req, key) == 0; /* keyed by its exact bytes */
         }
     } else if (gw->has_aliases && req->body_len > 0 && strcmp(req->method, "POST") == 0) {
         const char *ct = http_req_header(req, "Content-Type");

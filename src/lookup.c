@@ -1,0 +1,83 @@
+/*
+ * lookup: how the cache sees a request (see lookup.h).
+ */
+#include <string.h>
+#include <strings.h>
+
+#include "cache.h"
+#include "gateway.h"
+#include "http.h"
+#include "lookup.h"
+#include "request.h"
+
+void
+lookup_directives(const struct http_req *hreq, bool *no_store, bool *no_cache)
+{
+    const char *cc = http_req_header(hreq, "Cache-Control");
+
+    *no_store = *no_cache = false;
+    if (!cc) {
+        return;
+    }
+    for (const char *p = cc; *p;) {
+        p += strspn(p, ", \t");
+        size_t n = strcspn(p, ", \t");
+        if (n == 8 && strncasecmp(p, "no-store", 8) == 0) {
+            *no_store = true;
+        } else if (n == 8 && strncasecmp(p, "no-cache", 8) == 0) {
+            *no_cache = true;
+        }
+        p += n;
+    }
+}
+
+/* The client's credential in the cache key, or NULL (cache.shared). */
+static const char *
+cache_credential(const struct gateway *gw, const struct http_req *hreq)
+{
+    return gw->conf->cache.shared ? NULL : http_req_header(hreq, "Authorization");
+}
+
+int
+lookup_raw_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACHE_KEY_LEN])
+{
+    return cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body, hreq->body_len,
+                         cache_credential(gw, hreq), key);
+}
+
+bool
+lookup_known_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACHE_KEY_LEN])
+{
+    uint8_t raw[CACHE_KEY_LEN];
+
+    return cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body,
+                         hreq->body_len, cache_credential(gw, hreq), raw) == 0 &&
+           cache_alias_get(gw->mem, raw, key);
+}
+
+void
+lookup_prepare(struct request *r, const struct http_req *hreq, const void *doc,
+            const uint8_t *known_key)
+{
+    struct gateway *gw = r->gw;
+    bool no_store, no_cache;
+    const char *cred = cache_credential(gw, hreq);
+    uint8_t raw[CACHE_KEY_LEN];
+
+    lookup_directives(hreq, &no_store, &no_cache);
+    r->cacheable = true;
+    r->store_ok = !no_store;
+    r->lookup = !no_store && !no_cache;
+    r->may_join = r->lookup;
+    r->cache_status = no_store ? CS_BYPASS : CS_MISS;
+    if (r->store_ok && known_key) {
+        memcpy(r->key, known_key, CACHE_KEY_LEN); /* these bytes were keyed before */
+    } else if (r->store_ok &&
+               (!doc || cache_key(gw->cache_group, r->method, r->target, doc, cred, r->key) < 0)) {
+        r->store_ok = r->lookup = r->may_join = false;
+        r->cache_status = CS_BYPASS;
+    } else if (r->store_ok && cache_raw_key(gw->cache_group, r->method, r->target, hreq->body,
+                                            hreq->body_len, cred, raw) == 0) {
+        cache_alias_put(gw->mem, raw, r->key); /* the same bytes again skip the parse */
+    }
+}

@@ -1,0 +1,36 @@
+/*
+ * lookup: how the cache sees a request: its Cache-Control directives, its
+ * key (canonical JSON, or the exact bytes of a body too large to parse,
+ * scoped by the client's credential unless cache.shared), and whether it
+ * may be answered, stored or shared.  The lookup itself runs in
+ * request.c's LOOKUP state.
+ */
+#ifndef DSGATE_LOOKUP_H
+#define DSGATE_LOOKUP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct gateway;
+struct http_req;
+struct request;
+
+/* Cache-Control directives the client may send: no-store, no-cache. */
+void lookup_directives(const struct http_req *req, bool *no_store, bool *no_cache);
+/* The key of a request by its exact bytes (large bodies are keyed so); 0 or -1. */
+int lookup_raw_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
+/*
+ * The cache key of a request whose exact bytes were keyed before (found
+ * through a digest of the raw bytes): its body needs no parsing.  True
+ * when found.
+ */
+bool lookup_known_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
+/*
+ * Set R's cache fields (cacheable, lookup, store_ok, may_join, key,
+ * cache_status) from HREQ; DOC: its parsed body or NULL; KNOWN_KEY: its
+ * key from lookup_known_key() or lookup_raw_key(), or NULL.
+ */
+void lookup_prepare(struct request *r, const struct http_req *hreq, const void *doc,
+                    const uint8_t *known_key);
+
+#endif
