@@ -79,6 +79,10 @@ set_state(struct request *r, enum req_state to)
     int64_t ms = 0;
     bool due_now = false; /* a deadline already passed runs from the loop */
 
+    if (log_enabled(LOG_DEBUG) && r->state != to) {
+        log_msg(LOG_DEBUG, "req=%llu: %s -> %s", (unsigned long long)r->id,
+                req_state_name[r->state], req_state_name[to]);
+    }
     r->state = to;
     switch (to) {
     case REQ_QUEUED:
@@ -121,7 +125,7 @@ static const struct outcome_rule rules[ATT_OUTCOMES] = {
     [ATT_DROPPED] = {ROUTE_NEUTRAL, NULL, false, RS_DECIDED, false, 0, NULL, NULL, END_NONE},
     [ATT_CONNECT] = {ROUTE_FAILURE, "connect", false, RS_ON_CONNECT, false, 502,
                      "upstream_unreachable", "upstream unreachable", END_UP_UNREACHABLE},
-    [ATT_TIMEOUT] = {ROUTE_FAILURE, "timeout", true, RS_ON_TIMEOUT, true, 504, "upstream_timeout",
+    [ATT_TIMEOUT] = {ROUTE_FAILURE, "timeout", true, RS_ON_TIMEOUT, false, 504, "upstream_timeout",
                      "upstream timed out", END_UP_TIMEOUT},
     [ATT_BROKEN] = {ROUTE_FAILURE, "broken", false, RS_ON_CONNECT, true, 502, "upstream_reset",
                     "upstream connection broke", END_UP_RESET},
@@ -148,7 +152,7 @@ request_outcome_retryable(const struct conf *c, enum attempt_outcome o, bool dat
 {
     const struct outcome_rule *rule = request_outcome_rule(o);
 
-    if (!rule || data_sent || (rule->before_data_only && replied && o == ATT_BROKEN)) {
+    if (!rule || data_sent || (rule->before_head && replied)) {
         return false;
     }
     switch (rule->retry) {

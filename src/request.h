@@ -134,7 +134,7 @@ struct outcome_rule {
     const char *circuit_reason;
     bool overload; /* the adaptive limit hears an overload */
     enum retry_switch retry;
-    bool before_data_only; /* retried only while nothing reached the client */
+    bool before_head; /* retried only while no reply head went out (every retry is before data) */
     int status;            /* the error for the client */
     const char *code;
     const char *message;
