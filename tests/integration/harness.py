@@ -1178,6 +1178,7 @@ class Runner:
         self.passed = 0
         self.failed = 0
         self.t0 = time.monotonic()
+        self.notes = set()              # the "# ..." lines note_once() printed
 
     def run(self, name, fn, *args):
         t = time.monotonic()
@@ -1201,6 +1202,12 @@ class Runner:
         print("FAIL %s: %s" % (name, reason[:1500]), flush=True)
         if tb and os.environ.get("DSGATE_TEST_VERBOSE"):
             traceback.print_exc()
+
+    def note_once(self, text):
+        """Print "# TEXT", unless it was printed already."""
+        if text not in self.notes:
+            self.notes.add(text)
+            print("# %s" % text, flush=True)
 
     def fail_all(self, names, reason):
         for n in names:
@@ -1279,14 +1286,31 @@ class Pair:
     (a crash restarts it; FINAL names run as they are).  When SETUP raises,
     every test of the group fails with "setup: ..."."""
 
-    def __init__(self, tests, setup, pair, key="dsgate", final=()):
+    def __init__(self, tests, setup, pair, key="dsgate", final=(), lazy=False, skip=None):
+        """LAZY: when names are given on the command line and none is one of
+        this group's tests other than FINAL, the group is not set up and
+        nothing of it runs (FINAL included).  SKIP: a reason (say, a server
+        it needs is not installed): the group does not run and is not
+        counted; "# SKIP" is printed once per file, however many groups
+        share it (a lazy group not named prints nothing)."""
         self.tests = tests
         self.setup = setup
         self.pair = pair
         self.key = key
         self.final = set(final)
+        self.lazy = lazy
+        self.skip = skip
+
+    def wanted(self, only):
+        return (not self.lazy or not only
+                or any(n in only and n not in self.final for n, _ in self.tests))
 
     def run(self, run, only):
+        if not self.wanted(only):
+            return
+        if self.skip:
+            run.note_once(self.skip)
+            return
         try:
             self.setup()
         except Exception as e:                  # noqa: BLE001

@@ -1143,67 +1143,61 @@ FLEET_TESTS = [
 ]
 
 
-def main():
-    run = H.Runner("test_lifecycle")
-    only = set(sys.argv[1:])
+def _setup_one():
+    P["f1"] = H.Fake(name="lc-one")
+    P["one"] = Gate(lambda port, u=P["f1"].url: config(port, [("one", u, 1)]), "lc-one")
 
-    def want(tests):
-        return not only or any(n in only for n, _ in tests)
 
-    if want(ONE_TESTS[:-1]):
-        try:
-            P["f1"] = H.Fake(name="lc-one")
-            P["one"] = Gate(lambda port, u=P["f1"].url: config(port, [("one", u, 1)]), "lc-one")
-        except Exception as e:                  # noqa: BLE001
-            run.fail_all([n for n, _ in ONE_TESTS], "setup: %s" % e)
-        else:
-            H.run_tests(run, ONE_TESTS, P, "one", final={ONE_TESTS[-1][0]}, only=only)
-    if want(TWO_TESTS[:-1]):
-        try:
-            P["f503"] = H.Fake("--status", "503", name="lc-b1")
-            P["f2"] = H.Fake(name="lc-b2")
-            P["two"] = Gate(lambda port, u1=P["f503"].url, u2=P["f2"].url: config(
-                port, [("b1", u1, 8), ("b2", u2, 8)]), "lc-two")
-        except Exception as e:                  # noqa: BLE001
-            run.fail_all([n for n, _ in TWO_TESTS], "setup: %s" % e)
-        else:
-            H.run_tests(run, TWO_TESTS, P, "two", final={TWO_TESTS[-1][0]}, only=only)
-    have_redis = R is not None and any(
+def _setup_two():
+    P["f503"] = H.Fake("--status", "503", name="lc-b1")
+    P["f2"] = H.Fake(name="lc-b2")
+    P["two"] = Gate(lambda port, u1=P["f503"].url, u2=P["f2"].url: config(
+        port, [("b1", u1, 8), ("b2", u2, 8)]), "lc-two")
+
+
+def _setup_redis():
+    P["redis_server"] = R.Redis()
+    P["fr"] = H.Fake(name="lc-redis")
+    P["redis"] = Gate(lambda port, u=P["fr"].url, ru=P["redis_server"].url: config(
+        port, [("r", u, 8)], redis_url=ru, redis_timeout="2s", max_entries=0),
+        "lc-redis")
+
+
+def _setup_fleet():
+    P["fleet_redis"] = R.Redis()
+    P["ff"] = H.Fake(name="lc-fleet")
+    url, rurl = P["ff"].url, P["fleet_redis"].url
+    prefix = "lc-fleet-%s:" % tid()
+
+    def build(port, url=url, rurl=rurl, prefix=prefix):
+        return config(port, [("fl", url, 8)], redis_url=rurl, redis_timeout="500ms",
+                      prefix=prefix, fleet_redis=rurl)
+    P["fleet_a"] = Gate(build, "lc-fleet-a")
+    P["fleet"] = Gate(build, "lc-fleet-b")
+
+
+def _have_redis():
+    return R is not None and any(
         os.access(os.path.join(p, R.REDIS_SERVER), os.X_OK)
         for p in os.environ.get("PATH", "").split(os.pathsep))
-    if want(REDIS_TESTS[:-1]) or want(FLEET_TESTS[:-2]):
-        if not have_redis:
-            note("redis-server not found (make deps installs it): lookup and fleet tests "
-                 "not run")
-    if want(REDIS_TESTS[:-1]) and have_redis:
-        try:
-            P["redis_server"] = R.Redis()
-            P["fr"] = H.Fake(name="lc-redis")
-            P["redis"] = Gate(lambda port, u=P["fr"].url, ru=P["redis_server"].url: config(
-                port, [("r", u, 8)], redis_url=ru, redis_timeout="2s", max_entries=0),
-                "lc-redis")
-        except Exception as e:                  # noqa: BLE001
-            run.fail_all([n for n, _ in REDIS_TESTS], "setup: %s" % e)
-        else:
-            H.run_tests(run, REDIS_TESTS, P, "redis", final={REDIS_TESTS[-1][0]}, only=only)
-    if want(FLEET_TESTS[:-2]) and have_redis:
-        try:
-            P["fleet_redis"] = R.Redis()
-            P["ff"] = H.Fake(name="lc-fleet")
-            url, rurl = P["ff"].url, P["fleet_redis"].url
-            prefix = "lc-fleet-%s:" % tid()
 
-            def build(port, url=url, rurl=rurl, prefix=prefix):
-                return config(port, [("fl", url, 8)], redis_url=rurl, redis_timeout="500ms",
-                              prefix=prefix, fleet_redis=rurl)
-            P["fleet_a"] = Gate(build, "lc-fleet-a")
-            P["fleet"] = Gate(build, "lc-fleet-b")
-        except Exception as e:                  # noqa: BLE001
-            run.fail_all([n for n, _ in FLEET_TESTS], "setup: %s" % e)
-        else:
-            H.run_tests(run, FLEET_TESTS, P, "fleet", final={n for n, _ in FLEET_TESTS[-2:]},
-                        only=only)
-    return run.finish()
+
+def main():
+    no_redis = None if _have_redis() else (
+        "redis-server not found (make deps installs it): lookup and fleet tests not run")
+
+    def group(tests, setup, key, final=1, skip=None):
+        """A Pair of TESTS whose last FINAL tests are its shutdown checks; it
+        is set up only when one of its other tests is named (or none is)."""
+        return H.Pair(tests, setup, P, key, final={n for n, _ in tests[-final:]},
+                      lazy=True, skip=skip)
+
+    return H.main("test_lifecycle", [
+        group(ONE_TESTS, _setup_one, "one"),
+        group(TWO_TESTS, _setup_two, "two"),
+        group(REDIS_TESTS, _setup_redis, "redis", skip=no_redis),
+        group(FLEET_TESTS, _setup_fleet, "fleet", final=2, skip=no_redis),
+    ])
 
 
 if __name__ == "__main__":
