@@ -43,6 +43,9 @@ struct up_xfer {
     bool head_done;
     bool aborted;
     bool paused;
+    /* the request body, handed to curl by read_cb (see upstream_start) */
+    const char *body;
+    size_t body_len, body_off;
     /* response head being collected: "name\0value\0" pairs in one buffer */
     char *hbuf;
     size_t hlen, hcap;
@@ -312,6 +315,38 @@ write_cb(char *p, size_t size, size_t nmemb, void *arg)
     return len;
 }
 
+static size_t
+read_cb(char *buf, size_t size, size_t nitems, void *arg)
+{
+    struct up_xfer *x = arg;
+    size_t n = x->body_len - x->body_off;
+
+    if (n > size * nitems) {
+        n = size * nitems;
+    }
+    memcpy(buf, x->body + x->body_off, n);
+    x->body_off += n;
+    return n;
+}
+
+/*
+ * libcurl rewinds the body to send the request again on its own when a
+ * reused connection dies before the answer: a POST would reach the
+ * upstream twice as one attempt.  Refusing the rewind ends the transfer
+ * (CURLE_SEND_FAIL_REWIND, reported as broken) and dsgate decides and
+ * counts the retry itself.
+ */
+static int
+seek_cb(void *arg, curl_off_t offset, int origin)
+{
+    struct up_xfer *x = arg;
+
+    if (origin == SEEK_SET && offset == 0 && x->body_off == 0) {
+        return CURL_SEEKFUNC_OK; /* nothing was sent yet */
+    }
+    return CURL_SEEKFUNC_FAIL;
+}
+
 struct up_xfer *
 upstream_start(struct upstream_ctx *ctx, const struct up_request *rq, const struct up_callbacks *cb,
                void *arg)
@@ -370,8 +405,15 @@ upstream_start(struct upstream_ctx *ctx, const struct up_request *rq, const stru
         }
         if (rq->body_len > 0 || strcmp(rq->method, "POST") == 0 || strcmp(rq->method, "PUT") == 0 ||
             strcmp(rq->method, "PATCH") == 0) {
+            /* a read callback rather than POSTFIELDS, so that a resend needs our rewind */
+            x->body = rq->body ? rq->body : "";
+            x->body_len = rq->body_len;
+            curl_easy_setopt(e, CURLOPT_POST, 1L);
             curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)rq->body_len);
-            curl_easy_setopt(e, CURLOPT_POSTFIELDS, rq->body ? rq->body : "");
+            curl_easy_setopt(e, CURLOPT_READFUNCTION, read_cb);
+            curl_easy_setopt(e, CURLOPT_READDATA, x);
+            curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, seek_cb);
+            curl_easy_setopt(e, CURLOPT_SEEKDATA, x);
         }
     }
     if (curl_multi_add_handle(ctx->multi, e) != CURLM_OK) {
