@@ -92,7 +92,8 @@ dispatch_alternative(struct request *r)
     size_t c[ROUTE_MAX_UPSTREAMS];
 
     r->tried |= (uint64_t)1 << r->att.up->idx;
-    return candidates(r, C_USABLE | C_UNTRIED, c) > 0;
+    /* one that is full now would send the retry back to the one that failed it */
+    return candidates(r, C_USABLE | C_UNTRIED | C_SLOT | C_LEASE, c) > 0;
 }
 
 void

@@ -48,7 +48,7 @@ bool dispatch_any_eligible(const struct request *r);
  * help: the upstream whose answer the client should get, else NULL.
  */
 struct gw_upstream *dispatch_auth_blocked(const struct request *r);
-/* The current upstream failed the request: is there a usable one it has not tried? */
+/* The current upstream failed the request: is one it has not tried usable and free now? */
 bool dispatch_alternative(struct request *r);
 /* A backoff ends: every candidate may be tried again. */
 void dispatch_forget_tried(struct request *r);

@@ -599,6 +599,7 @@ request_left_end(enum req_state state, bool data_sent)
     case REQ_BACKOFF:
         return END_CLIENT_BACKOFF;
     case REQ_STREAMING:
+    case REQ_FOLLOWING:
         return data_sent ? END_CLIENT_STREAMING : END_CLIENT_WAITING;
     default:
         return END_CLIENT_WAITING;

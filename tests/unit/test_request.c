@@ -240,12 +240,8 @@ test_left_end(void **state)
         {REQ_NEW, END_CLIENT_WAITING, END_CLIENT_WAITING},
         {REQ_LOOKUP, END_CLIENT_WAITING, END_CLIENT_WAITING},
         {REQ_FLEET, END_CLIENT_WAITING, END_CLIENT_WAITING},
-        /*
-         * CURRENT behaviour, questionable: a follower whose replay already
-         * sent data bytes (flight.c feed() sets data_sent) is logged as
-         * client_closed_waiting ("before any data"), not _streaming.
-         */
-        {REQ_FOLLOWING, END_CLIENT_WAITING, END_CLIENT_WAITING},
+        /* a follower whose replay already sent data left while streaming */
+        {REQ_FOLLOWING, END_CLIENT_WAITING, END_CLIENT_STREAMING},
         {REQ_PENDING, END_CLIENT_WAITING, END_CLIENT_WAITING},
         {REQ_QUEUED, END_CLIENT_QUEUED, END_CLIENT_QUEUED},
         {REQ_BACKOFF, END_CLIENT_BACKOFF, END_CLIENT_BACKOFF},
@@ -1152,7 +1148,7 @@ test_alternative(void **state)
         {"the second failed too", 2, {NULL, NULL, NULL}, 0, 0, 1, 1, false, 3},
         {"a single upstream", 1, {NULL, NULL, NULL}, 0, 0, 0, 0, false, 1},
         {"the other is open", 2, {NULL, NULL, NULL}, 2, 0, 0, 0, false, 1},
-        {"the other is busy: still an alternative", 2, {NULL, NULL, NULL}, 0, 2, 0, 0, true, 1},
+        {"the other is busy: no alternative now", 2, {NULL, NULL, NULL}, 0, 2, 0, 0, false, 1},
         {"the other does not take the model", 2, {NULL, "x", NULL}, 0, 0, 0, 0, false, 1},
         {"the third does", 3, {NULL, "x", NULL}, 0, 0, 0, 0, true, 1},
         {"failed on the last, the first untried", 3, {NULL, NULL, NULL}, 0, 0, 2, 2, true, 6},
@@ -1214,14 +1210,11 @@ test_requeue_prefers_untried(void **state)
 }
 
 /*
- * CURRENT behaviour, questionable: dispatch_alternative() ignores slots, so
- * request.c retries at once without a backoff (r->moving); but when the
- * untried upstream has no free slot, pick_upstream() falls back to the
- * tried set and sends the retry straight back to the upstream that just
- * failed it, with no backoff at all.
+ * An untried upstream with no free slot is no alternative: the retry backs
+ * off instead of going straight back to the upstream that just failed it.
  */
 static void
-test_moving_retry_may_return_to_failed(void **state)
+test_full_untried_is_no_alternative(void **state)
 {
     static const struct gw_spec spec = {
         .nups = 2, .ups = {{"a", 1, 1, {NULL}}, {"b", 1, 1, {NULL}}}, .max_queued = 5};
@@ -1234,10 +1227,8 @@ test_moving_retry_may_return_to_failed(void **state)
     assert_ptr_equal(up, f->up[0]);
     assert_int_equal(submit(other, &up), DISPATCH_GO);
     assert_ptr_equal(up, f->up[1]);
-    dispatch_release(r);                  /* r's attempt on "a" failed */
-    assert_true(dispatch_alternative(r)); /* "b" is untried: move at once */
-    assert_int_equal(dispatch_requeue(r, &up), DISPATCH_GO);
-    assert_ptr_equal(up, f->up[0]); /* ... back to "a" */
+    dispatch_release(r);                   /* r's attempt on "a" failed */
+    assert_false(dispatch_alternative(r)); /* "b" is untried but full: back off */
 }
 
 /* What the breaker, the limit and the counters hear of an attempt. */
@@ -1626,7 +1617,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_submit_skips_open_circuit, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_alternative, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_requeue_prefers_untried, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(test_moving_retry_may_return_to_failed, fx_setup,
+        cmocka_unit_test_setup_teardown(test_full_untried_is_no_alternative, fx_setup,
                                         fx_teardown),
         cmocka_unit_test_setup_teardown(test_circuit_limit_count, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_flight_roles, fx_setup, fx_teardown),
