@@ -30,7 +30,8 @@
 #include "retry.h"
 #include "upstream.h"
 
-#define USAGE_TAIL 8192 /* the end of an answer, where "usage" is */
+#define USAGE_TAIL   8192 /* the end of an answer, where "usage" is */
+#define ERRBODY_MAX  8192 /* an error answer kept for replay or its message */
 
 /* ---- headers -------------------------------------------------------------- */
 
@@ -261,9 +262,6 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
     a->status = status;
     if (status == 401 || status == 402 || status == 403) {
         a->auth_failed = true;
-        if (!a->errbody) {
-            a->errbody = evbuffer_new();
-        }
     }
     struct attempt_head_info hi = {
         .status = status,
@@ -275,9 +273,9 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
     case AH_DROP:
         a->dropping = true; /* read and drop the body; keeps the connection */
         return UP_CONTINUE;
-    case AH_ABORT:
-        a->aborted_late = true;
-        return UP_ABORT;
+    case AH_LATE:
+        a->late = true; /* its body carries the upstream's message */
+        return UP_CONTINUE;
     case AH_GONE:
         return UP_ABORT;
     case AH_CONTINUE:
@@ -384,10 +382,11 @@ on_data(void *arg, const char *data, size_t len)
 {
     struct attempt *a = arg;
 
-    if (a->auth_failed && a->errbody && evbuffer_get_length(a->errbody) + len <= 8192) {
+    if ((a->auth_failed || a->late) && a->errbody &&
+        evbuffer_get_length(a->errbody) + len <= ERRBODY_MAX) {
         evbuffer_add(a->errbody, data, len);
     }
-    if (a->dropping) {
+    if (a->dropping || a->late) {
         return UP_CONTINUE;
     }
     if (a->ops->blocked(a->owner)) {
@@ -513,8 +512,15 @@ on_done(void *arg, enum up_result res, const char *detail)
     struct attempt_result r = {.status = a->status, .detail = detail};
 
     a->xfer = NULL;
-    if (a->auth_failed && res == UP_OK && a->errbody) {
+    if (a->auth_failed && res == UP_OK && a->errbody && !a->late) {
         keep_auth_body(a);
+    }
+    if (a->late && res != UP_ABORTED) {
+        r.outcome = ATT_LATE_STATUS;
+        r.body = a->errbody ? (const char *)evbuffer_pullup(a->errbody, -1) : NULL;
+        r.body_len = a->errbody ? evbuffer_get_length(a->errbody) : 0;
+        a->ops->done(a->owner, &r);
+        return;
     }
     switch (res) {
     case UP_OK:
@@ -526,9 +532,7 @@ on_done(void *arg, enum up_result res, const char *detail)
             if (a->status == 200) {
                 usage_account(a);
             }
-            if (a->head_deferred) {
-                head_send(a); /* an empty (or all white space) body */
-            }
+            r.head_pending = a->head_deferred; /* an empty (or all white space) body */
         }
         break;
     case UP_CONNECT:
@@ -541,7 +545,7 @@ on_done(void *arg, enum up_result res, const char *detail)
         r.outcome = ATT_BROKEN;
         break;
     case UP_ABORTED:
-        r.outcome = a->aborted_late ? ATT_LATE_STATUS : ATT_ABORTED;
+        r.outcome = ATT_ABORTED;
         break;
     }
     a->ops->done(a->owner, &r);
@@ -600,8 +604,13 @@ attempt_start(struct attempt *a, struct upstream_ctx *ctx, struct gw_upstream *u
     a->ops = ops;
     a->owner = owner;
     a->status = 0;
-    a->dropping = a->aborted_late = a->paused = a->auth_failed = false;
+    a->dropping = a->late = a->paused = a->auth_failed = false;
     a->tail_len = 0;
+    if (a->errbody) {
+        evbuffer_drain(a->errbody, evbuffer_get_length(a->errbody));
+    } else {
+        a->errbody = evbuffer_new(); /* no error body kept if this fails */
+    }
     a->xfer = upstream_start(ctx, &rq, &up_cb, a);
     return a->xfer ? 0 : -1;
 }
@@ -620,6 +629,14 @@ attempt_cancel(struct attempt *a)
         a->xfer = NULL;
     }
     head_defer_clear(a);
+}
+
+void
+attempt_send_head(struct attempt *a)
+{
+    if (a->head_deferred) {
+        head_send(a);
+    }
 }
 
 void
@@ -675,6 +692,8 @@ attempt_outcome_label(enum attempt_outcome o, int status)
         return "timeout";
     case ATT_BROKEN:
         return "broken";
+    case ATT_EMPTY:
+        return "closed";
     case ATT_ABORTED:
     case ATT_OUTCOMES:
         break;

@@ -43,6 +43,7 @@ enum attempt_outcome {
     ATT_BROKEN,      /* reset, truncated or unparsable answer */
     ATT_LATE_STATUS, /* a non-200 head after an earlier attempt started the reply */
     ATT_ABORTED,     /* the owner stopped it (nobody wants the answer) */
+    ATT_EMPTY,       /* a 200 closed before any data byte (held, then closed): the owner's call */
     ATT_FIRST_DATA,  /* no data byte within timeouts.first_data */
     ATT_IDLE,        /* a stream silent beyond timeouts.idle */
     ATT_OUTCOMES
@@ -52,6 +53,9 @@ struct attempt_result {
     enum attempt_outcome outcome;
     int status; /* of the head, 0 when none came */
     const char *detail;
+    bool head_pending; /* ATT_OK: the held head never went out (no data byte came) */
+    const char *body;  /* ATT_LATE_STATUS: the start of its body, or NULL */
+    size_t body_len;
 };
 
 /* The owner's verdict on a head. */
@@ -59,7 +63,7 @@ enum attempt_head {
     AH_TAKE,     /* pass this answer on (start() follows) */
     AH_CONTINUE, /* the reply already started: pass the body on without a head */
     AH_DROP,     /* read and drop the body; a retry follows */
-    AH_ABORT,    /* a late status: stop now (done() follows with ATT_LATE_STATUS) */
+    AH_LATE,     /* a late status: keep its body for the error (done(): ATT_LATE_STATUS) */
     AH_GONE,     /* nobody wants the answer: stop (done() follows with ATT_ABORTED) */
 };
 
@@ -119,7 +123,7 @@ struct attempt {
     const char *fwd[ATTEMPT_MAX_HEADERS + 8];
     int status;
     bool dropping; /* this answer is read and dropped */
-    bool aborted_late;
+    bool late;     /* a late status: its body is kept in errbody */
     bool paused;
     /* a non-stream head, held until the first data byte: "name\0value\0" */
     struct evbuffer *dhead;
@@ -151,6 +155,8 @@ int attempt_start(struct attempt *a, struct upstream_ctx *ctx, struct gw_upstrea
 bool attempt_running(const struct attempt *a);
 /* Stop the transfer, if any; no callback runs afterwards. */
 void attempt_cancel(struct attempt *a);
+/* Send a head still held (ATT_OK with head_pending that is passed on as it is). */
+void attempt_send_head(struct attempt *a);
 /* The receiver drained: a paused transfer goes on (may deliver data at once). */
 void attempt_resume(struct attempt *a);
 /* Release everything, the upstream reference too. */

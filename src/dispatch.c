@@ -32,6 +32,35 @@ eligible(const struct request *r, const struct gw_upstream *u)
     return !r->model || route_model_for(u->conf, r->model) != NULL;
 }
 
+/* Opened by failures that a retry may get past (not auth, not unreachable)? */
+static bool
+open_for_failures(const struct circuit *c)
+{
+    return c->state != CIRCUIT_CLOSED && !c->auth && strcmp(c->reason, "connect") != 0;
+}
+
+/*
+ * A breaker never shuts a request's last way out: when no eligible
+ * upstream's circuit lets the request through, those open for failures
+ * (503, 429, timeouts, resets) take it anyway, as nginx never marks a sole
+ * server down.  Retries and their backoff pace it; the first success
+ * closes the circuit.  Open for 401/402/403 or for connect errors, they
+ * do not (dispatch_auth_blocked, dispatch_unreachable).
+ */
+static bool
+last_resort(const struct request *r, int64_t now)
+{
+    const struct gateway *gw = r->gw;
+
+    for (size_t i = 0; i < gw->nups; i++) {
+        struct gw_upstream *u = gw->ups[i];
+        if (eligible(r, u) && circuit_usable(&u->circuit, now)) {
+            return false;
+        }
+    }
+    return true;
+}
+
 /*
  * The one filter over the upstreams: indexes of those that take the
  * request and meet NEED, in configuration order.  Returns how many.
@@ -42,11 +71,14 @@ candidates(const struct request *r, unsigned need, size_t out[ROUTE_MAX_UPSTREAM
     const struct gateway *gw = r->gw;
     int64_t now = http_now_us();
     bool fleet = fleet_active(gw->fleet);
+    bool relaxed = (need & C_USABLE) && last_resort(r, now);
     size_t n = 0;
 
     for (size_t i = 0; i < gw->nups; i++) {
         struct gw_upstream *u = gw->ups[i];
-        if (!eligible(r, u) || ((need & C_USABLE) && !circuit_usable(&u->circuit, now)) ||
+        bool usable = relaxed ? circuit_usable(&u->circuit, now) || open_for_failures(&u->circuit)
+                              : circuit_usable(&u->circuit, now);
+        if (!eligible(r, u) || ((need & C_USABLE) && !usable) ||
             ((need & C_SLOT) && !sched_limit_available(&u->limit)) ||
             ((need & C_LEASE) && fleet && !fleet_lease_ready(u->fleet)) ||
             ((need & C_UNTRIED) && (r->tried & ((uint64_t)1 << i))) ||
@@ -84,6 +116,28 @@ dispatch_auth_blocked(const struct request *r)
         }
     }
     return answer;
+}
+
+int64_t
+dispatch_unreachable(const struct request *r)
+{
+    size_t c[ROUTE_MAX_UPSTREAMS];
+    size_t n = candidates(r, 0, c);
+    int64_t now = http_now_us(), soonest = -1;
+
+    for (size_t i = 0; i < n; i++) {
+        struct gw_upstream *u = r->gw->ups[c[i]];
+        if (circuit_usable(&u->circuit, now) || open_for_failures(&u->circuit)) {
+            return -1;
+        }
+        if (!u->circuit.auth) {
+            int64_t ms = (u->circuit.open_until_us - now) / 1000;
+            if (soonest < 0 || ms < soonest) {
+                soonest = ms > 0 ? ms : 0;
+            }
+        }
+    }
+    return soonest;
 }
 
 bool
@@ -242,6 +296,10 @@ dispatch_pump(struct gateway *gw)
             } else if (blocked) {
                 dispatch_leave(r);
                 gw->dispatch_ops->refuse(r, REFUSE_AUTH, blocked);
+                moved = true;
+            } else if (dispatch_unreachable(r) >= 0) {
+                dispatch_leave(r);
+                gw->dispatch_ops->refuse(r, REFUSE_UNREACHABLE, NULL);
                 moved = true;
             } else if (fleet_active(gw->fleet)) {
                 want_leases(gw, r);

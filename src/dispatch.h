@@ -26,12 +26,15 @@ struct gateway;
 struct gw_upstream;
 struct request;
 
-enum dispatch_refusal { REFUSE_DISPLACED, REFUSE_AUTH };
+enum dispatch_refusal { REFUSE_DISPLACED, REFUSE_AUTH, REFUSE_UNREACHABLE };
 
 struct dispatch_ops {
     /* A slot of UP is the request's: start the attempt (the request has left the queue). */
     void (*start)(struct request *r, struct gw_upstream *up);
-    /* A queued request is refused (it has left the queue); U: the auth answer's upstream. */
+    /*
+     * A queued request is refused (it has left the queue): shed, every
+     * upstream shut by auth (U: whose answer), or none reachable.
+     */
     void (*refuse)(struct request *r, enum dispatch_refusal why, struct gw_upstream *u);
 };
 
@@ -48,6 +51,12 @@ bool dispatch_any_eligible(const struct request *r);
  * help: the upstream whose answer the client should get, else NULL.
  */
 struct gw_upstream *dispatch_auth_blocked(const struct request *r);
+/*
+ * No eligible upstream can be reached (every circuit open on connect
+ * errors, or on 401/402/403 with at least one on connect errors): ms until
+ * the soonest probe; -1 when some upstream may take the request.
+ */
+int64_t dispatch_unreachable(const struct request *r);
 /* The current upstream failed the request: is one it has not tried usable and free now? */
 bool dispatch_alternative(struct request *r);
 /* A backoff ends: every candidate may be tried again. */

@@ -4,7 +4,10 @@
  */
 #include <stdio.h>
 
+#include <stdlib.h>
+
 #include <event2/buffer.h>
+#include <jansson.h>
 
 #include "access.h"
 #include "cache.h"
@@ -52,17 +55,68 @@ reply_error(struct request *r, int status, const char *type, const char *code, c
     r->hreq = NULL;
 }
 
+/* An SSE error event (STATUS > 0 adds "status"); the strings are escaped. */
 static void
-send_sse_error(struct request *r, const char *code, const char *message)
+send_sse_error(struct request *r, int status, const char *type, const char *code,
+               const char *message)
 {
-    char buf[512];
+    json_t *j = json_pack("{s:{s:s,s:s,s:s}}", "error", "message", message, "type", type, "code",
+                          code);
+    char *text = NULL;
 
+    if (j && status > 0) {
+        json_object_set_new(json_object_get(j, "error"), "status", json_integer(status));
+    }
+    text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
     /* close any half-sent line or event first, so the error stands alone */
-    int n = snprintf(buf, sizeof(buf),
-                     "%sevent: error\ndata: {\"error\":{\"message\":\"%s\","
-                     "\"type\":\"upstream_error\",\"code\":\"%s\"}}\n\n",
-                     r->scan.mid_line ? "\n\n" : (r->scan.mid_event ? "\n" : ""), message, code);
-    http_reply_data(r->hreq, buf, (size_t)n);
+    const char *sep = r->scan.mid_line ? "\n\n" : (r->scan.mid_event ? "\n" : "");
+    struct evbuffer *b = evbuffer_new();
+    if (b) {
+        evbuffer_add_printf(b, "%sevent: error\ndata: %s\n\n", sep,
+                            text ? text : "{\"error\":{\"message\":\"upstream error\"}}");
+        size_t n = evbuffer_get_length(b);
+        http_reply_data(r->hreq, evbuffer_pullup(b, -1), n);
+        evbuffer_free(b);
+    }
+    free(text);
+}
+
+void
+reply_late_error(struct request *r, int status, const char *body, size_t len)
+{
+    char msg[512], type[64] = "upstream_error", code[16];
+    json_t *j = body && len ? json_loadb(body, len, 0, NULL) : NULL;
+    json_t *e = json_object_get(j, "error");
+    const char *m = json_string_value(json_object_get(e, "message"));
+    const char *t = json_string_value(json_object_get(e, "type"));
+
+    if (m) {
+        snprintf(msg, sizeof(msg), "%s", m);
+    } else {
+        snprintf(msg, sizeof(msg), "upstream answered %d after the stream had started", status);
+    }
+    if (t) {
+        snprintf(type, sizeof(type), "%s", t);
+    }
+    json_decref(j);
+    snprintf(code, sizeof(code), "%d", status);
+    r->end = END_UP_ERROR;
+    r->status = status; /* the true status, for the log and the metrics */
+    if (!r->hreq) {
+        return;
+    }
+    if (!http_reply_started(r->hreq)) {
+        reply_error(r, 502, "upstream_error", "upstream_error", msg);
+        r->status = status;
+    } else if (r->sse) {
+        send_sse_error(r, status, type, code, msg);
+        http_reply_end(r->hreq, false);
+        r->hreq = NULL;
+    } else {
+        http_reply_end(r->hreq, true);
+        r->hreq = NULL;
+    }
 }
 
 void
@@ -76,7 +130,7 @@ reply_fail(struct request *r, int status, const char *code, const char *message,
         reply_error(r, status, status == 429 ? "rate_limit_error" : "upstream_error", code,
                     message);
     } else if (r->sse) {
-        send_sse_error(r, code, message);
+        send_sse_error(r, 0, "upstream_error", code, message);
         http_reply_end(r->hreq, false);
         r->hreq = NULL;
     } else {
@@ -158,5 +212,29 @@ reply_unknown_model(struct request *r)
     r->hreq = NULL;
     if (b) {
         evbuffer_free(b);
+    }
+}
+
+void
+reply_unreachable(struct request *r, int64_t retry_ms)
+{
+    struct http_header h[1 + REPLY_MAX_HEADERS];
+    struct reply_buf rb;
+    struct reply_info ri = {.attempts = r->attempts, .queue_ms = r->queue_us / 1000};
+    char ra[24];
+
+    long long secs = (retry_ms + 999) / 1000;
+    snprintf(ra, sizeof(ra), "%lld", secs < 1 ? 1 : secs);
+    h[0] = (struct http_header){"Retry-After", ra};
+    size_t nh = 1 + reply_headers(h + 1, &ri, &rb);
+    r->status = 503;
+    r->end = END_UP_UNREACHABLE;
+    if (r->hreq && !http_reply_started(r->hreq)) {
+        http_reply_error_h(r->hreq, 503, "upstream_error", "upstream_unreachable",
+                           "no upstream can be reached now; retry later", h, nh);
+        r->hreq = NULL;
+    } else {
+        reply_fail(r, 503, "upstream_unreachable", "no upstream can be reached now; retry later",
+                   END_UP_UNREACHABLE);
     }
 }

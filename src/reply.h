@@ -45,10 +45,18 @@ enum req_end;
 /* The request failed: tell the client in the best way still open (JSON, SSE error, cut). */
 void reply_fail(struct request *r, int status, const char *code, const char *message,
                 enum req_end end);
+/*
+ * A non-200 came after the reply had started (an earlier attempt's head
+ * and keep-alives): an SSE error event with STATUS and the upstream's
+ * message from BODY (its error JSON, LEN bytes, may be NULL).
+ */
+void reply_late_error(struct request *r, int status, const char *body, size_t len);
 /* Answer from a cache entry of TIER ("memory", "redis"); takes the reference. */
 void reply_cached(struct request *r, struct cache_entry *e, const char *tier);
 /* Every eligible upstream is shut by 401/402/403: the answer U stored. */
 void reply_auth(struct request *r, struct gw_upstream *u);
+/* 503 with Retry-After (RETRY_MS until the next probe): no upstream can be reached. */
+void reply_unreachable(struct request *r, int64_t retry_ms);
 /* 404 naming the models the configured upstreams take. */
 void reply_unknown_model(struct request *r);
 

@@ -121,22 +121,22 @@ request_wanted(const struct request *r)
 
 /* What each attempt outcome means: one table, read by attempt_over() only. */
 static const struct outcome_rule rules[ATT_OUTCOMES] = {
-    [ATT_OK] = {ROUTE_NEUTRAL, NULL, false, RS_NEVER, false, 0, NULL, NULL, END_COMPLETED},
-    [ATT_DROPPED] = {ROUTE_NEUTRAL, NULL, false, RS_DECIDED, false, 0, NULL, NULL, END_NONE},
-    [ATT_CONNECT] = {ROUTE_FAILURE, "connect", false, RS_ON_CONNECT, false, 502,
-                     "upstream_unreachable", "upstream unreachable", END_UP_UNREACHABLE},
-    [ATT_TIMEOUT] = {ROUTE_FAILURE, "timeout", true, RS_ON_TIMEOUT, false, 504, "upstream_timeout",
+    [ATT_OK] = {ROUTE_NEUTRAL, NULL, false, RS_NEVER, 0, NULL, NULL, END_COMPLETED},
+    [ATT_DROPPED] = {ROUTE_NEUTRAL, NULL, false, RS_DECIDED, 0, NULL, NULL, END_NONE},
+    [ATT_CONNECT] = {ROUTE_FAILURE, "connect", false, RS_ON_CONNECT, 502, "upstream_unreachable",
+                     "upstream unreachable", END_UP_UNREACHABLE},
+    [ATT_TIMEOUT] = {ROUTE_FAILURE, "timeout", true, RS_ON_TIMEOUT, 504, "upstream_timeout",
                      "upstream timed out", END_UP_TIMEOUT},
-    [ATT_BROKEN] = {ROUTE_FAILURE, "broken", false, RS_ON_CONNECT, true, 502, "upstream_reset",
+    [ATT_BROKEN] = {ROUTE_FAILURE, "broken", false, RS_ON_CONNECT, 502, "upstream_reset",
                     "upstream connection broke", END_UP_RESET},
-    [ATT_LATE_STATUS] = {ROUTE_NEUTRAL, NULL, false, RS_NEVER, false, 502, "upstream_error",
-                         NULL, END_UP_ERROR},
-    [ATT_ABORTED] = {ROUTE_NEUTRAL, "", false, RS_NEVER, false, 0, NULL, NULL,
-                     END_CLIENT_CLOSED},
-    [ATT_FIRST_DATA] = {ROUTE_FAILURE, "timeout", true, RS_ON_TIMEOUT, false, 504,
-                        "upstream_timeout", "upstream sent no data within timeouts.first_data",
-                        END_UP_TIMEOUT},
-    [ATT_IDLE] = {ROUTE_FAILURE, "idle", true, RS_NEVER, false, 504, "upstream_idle_timeout",
+    [ATT_LATE_STATUS] = {ROUTE_NEUTRAL, NULL, false, RS_NEVER, 502, "upstream_error", NULL,
+                         END_UP_ERROR},
+    [ATT_ABORTED] = {ROUTE_NEUTRAL, "", false, RS_NEVER, 0, NULL, NULL, END_CLIENT_CLOSED},
+    [ATT_EMPTY] = {ROUTE_FAILURE, "closed", true, RS_ON_CONNECT, 502, "upstream_reset",
+                   "upstream closed the answer before any data", END_UP_RESET},
+    [ATT_FIRST_DATA] = {ROUTE_FAILURE, "timeout", true, RS_ON_TIMEOUT, 504, "upstream_timeout",
+                        "upstream sent no data within timeouts.first_data", END_UP_TIMEOUT},
+    [ATT_IDLE] = {ROUTE_FAILURE, "idle", true, RS_NEVER, 504, "upstream_idle_timeout",
                   "upstream stream idle beyond timeouts.idle", END_UP_IDLE},
 };
 
@@ -147,12 +147,11 @@ request_outcome_rule(enum attempt_outcome o)
 }
 
 bool
-request_outcome_retryable(const struct conf *c, enum attempt_outcome o, bool data_sent,
-                          bool replied)
+request_outcome_retryable(const struct conf *c, enum attempt_outcome o, bool data_sent)
 {
     const struct outcome_rule *rule = request_outcome_rule(o);
 
-    if (!rule || data_sent || (rule->before_head && replied)) {
+    if (!rule || data_sent) {
         return false;
     }
     switch (rule->retry) {
@@ -224,11 +223,27 @@ schedule_retry(struct request *r, const char *reason)
     set_state(r, REQ_BACKOFF);
 }
 
+/*
+ * A 200 that ended before any data byte on a completion path: DeepSeek
+ * closes a held request so (the head and keep-alives, then nothing).
+ */
+static bool
+closed_before_data(const struct request *r, const struct attempt_result *res)
+{
+    return res->outcome == ATT_OK && res->status == 200 && !r->data_sent && r->cache_path &&
+           (r->sse || res->head_pending);
+}
+
 /* An attempt is over: count it, then retry, answer or fail, by rules[]. */
 static void
-attempt_over(struct request *r, const struct attempt_result *res)
+attempt_over(struct request *r, const struct attempt_result *in)
 {
     struct gateway *gw = r->gw;
+    struct attempt_result resv = *in, *res = &resv;
+
+    if (closed_before_data(r, res)) {
+        res->outcome = ATT_EMPTY;
+    }
     const struct outcome_rule *rule = &rules[res->outcome];
     int status = res->outcome == ATT_LATE_STATUS ? r->late_status : res->status;
 
@@ -245,10 +260,8 @@ attempt_over(struct request *r, const struct attempt_result *res)
         log_msg(LOG_WARN, "req=%llu up=%s: upstream %s: %s", (unsigned long long)r->id,
                 r->att.up->conf->name, rule->circuit_reason, res->detail);
     }
-    bool replied = r->replied && !r->att.dropping;
     if (res->outcome == ATT_DROPPED ||
-        (request_outcome_retryable(gw->conf, res->outcome, r->data_sent, replied) &&
-         can_retry(r, 0))) {
+        (request_outcome_retryable(gw->conf, res->outcome, r->data_sent) && can_retry(r, 0))) {
         schedule_retry(r, res->outcome == ATT_DROPPED ? r->retry_reason : rule->circuit_reason);
         dispatch_pump(gw);
         return;
@@ -256,6 +269,9 @@ attempt_over(struct request *r, const struct attempt_result *res)
     switch (res->outcome) {
     case ATT_OK:
         r->end = END_COMPLETED;
+        if (res->head_pending) {
+            attempt_send_head(&r->att); /* an empty body, passed on as it is */
+        }
         if (r->hreq && !http_reply_started(r->hreq)) {
             /* curl saw a complete answer whose head we never passed on */
             reply_fail(r, 502, "upstream_reset", "upstream answer had no head", END_UP_RESET);
@@ -269,12 +285,9 @@ attempt_over(struct request *r, const struct attempt_result *res)
             r->end = END_CLIENT_CLOSED;
         }
         break;
-    case ATT_LATE_STATUS: {
-        char msg[96];
-        snprintf(msg, sizeof(msg), "upstream answered %d after the stream had started", status);
-        reply_fail(r, 502, rule->code, msg, rule->end);
+    case ATT_LATE_STATUS:
+        reply_late_error(r, status, res->body, res->body_len);
         break;
-    }
     default:
         reply_fail(r, rule->status, rule->code, rule->message, rule->end);
         break;
@@ -315,7 +328,7 @@ att_head(void *owner, const struct attempt_head_info *h)
         /* an earlier attempt already started the answer with keep-alives */
         if (status != 200) {
             r->late_status = status;
-            return AH_ABORT;
+            return AH_LATE;
         }
         return AH_CONTINUE;
     }
@@ -464,6 +477,12 @@ route(struct request *r)
         request_end(r);
         return;
     }
+    int64_t unreachable_ms = dispatch_unreachable(r);
+    if (unreachable_ms >= 0) {
+        reply_unreachable(r, unreachable_ms); /* fast and honest, not a wait for max_wait */
+        request_end(r);
+        return;
+    }
     if (r->cacheable && r->store_ok) {
         switch (flight_enter(r)) {
         case FLIGHT_FOLLOW:
@@ -532,6 +551,8 @@ on_dispatch_refuse(struct request *r, enum dispatch_refusal why, struct gw_upstr
     assert(r->state == REQ_QUEUED);
     if (why == REFUSE_AUTH) {
         reply_auth(r, u);
+    } else if (why == REFUSE_UNREACHABLE) {
+        reply_unreachable(r, dispatch_unreachable(r));
     } else {
         reply_fail(r, 429, "queue_full", "displaced by a higher-priority request; retry later",
              END_QUEUE_DISPLACED);

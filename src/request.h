@@ -134,7 +134,6 @@ struct outcome_rule {
     const char *circuit_reason;
     bool overload; /* the adaptive limit hears an overload */
     enum retry_switch retry;
-    bool before_head; /* retried only while no reply head went out (every retry is before data) */
     int status;            /* the error for the client */
     const char *code;
     const char *message;
@@ -146,11 +145,11 @@ const struct outcome_rule *request_outcome_rule(enum attempt_outcome o);
 struct conf;
 /*
  * Is outcome O retryable in principle (before budget, deadline and
- * attempts are looked at)?  DATA_SENT: a data byte reached the client;
- * REPLIED: the reply head went out.
+ * attempts are looked at)?  DATA_SENT: a data byte reached the client.
+ * A reply head that went out (an SSE head, keep-alives) does not stop a
+ * retry: the next attempt's events continue the same reply.
  */
-bool request_outcome_retryable(const struct conf *c, enum attempt_outcome o, bool data_sent,
-                               bool replied);
+bool request_outcome_retryable(const struct conf *c, enum attempt_outcome o, bool data_sent);
 
 /* How a request ends when its client leaves in STATE. */
 enum req_end request_left_end(enum req_state state, bool data_sent);

@@ -679,7 +679,8 @@ def t_unknown_model_404():
 
 def t_readyz_states():
     """/readyz is 200 while an upstream is usable, 503 with ready:false when
-    every circuit is open; then requests wait in the queue (max_wait)."""
+    every circuit is open; then no upstream can be reached and requests get
+    a fast 503 with Retry-After (not a wait for max_wait)."""
     _, u1 = closed_port_url()
     _, u2 = closed_port_url()
     d = dsgate([upstream("down1", u1), upstream("down2", u2)], "readyz", attempts=1,
@@ -707,13 +708,16 @@ def t_readyz_states():
           metric(m, "dsgate_circuit_open", upstream="down2") == 1, "circuit_open %s, %s",
           metric(m, "dsgate_circuit_open", upstream="down1"),
           metric(m, "dsgate_circuit_open", upstream="down2"))
-    # every circuit open because of errors: the request waits, then 504
+    # every circuit open on connect errors: nothing can be reached, say so at once
     t0 = time.monotonic()
     r = post(d.port)
     dt = time.monotonic() - t0
-    check(r.status == 504, "with every circuit open: %s %r", r.status, r.body[:200])
-    check(0.8 <= dt <= 3.0, "answered after %.2fs, want about queue.max_wait (1 s)", dt)
-    check(H.openai_error_shape(r) is None, "504 body: %s", H.openai_error_shape(r))
+    check(r.status == 503, "with every circuit open: %s %r", r.status, r.body[:200])
+    check(dt < 0.5, "answered after %.2fs, want at once (not queue.max_wait)", dt)
+    check(H.openai_error_shape(r) is None, "503 body: %s", H.openai_error_shape(r))
+    ra = r.header("retry-after")
+    check(ra is not None and ra.isdigit() and 1 <= int(ra) <= 6,
+          "Retry-After %r, want the seconds until the next probe", ra)
 
 
 def t_retry_moves_without_backoff():

@@ -56,16 +56,17 @@
 
 static const char *const outcome_names[ATT_OUTCOMES] = {
     "ATT_OK",          "ATT_DROPPED", "ATT_CONNECT",    "ATT_TIMEOUT", "ATT_BROKEN",
-    "ATT_LATE_STATUS", "ATT_ABORTED", "ATT_FIRST_DATA", "ATT_IDLE",
+    "ATT_LATE_STATUS", "ATT_ABORTED", "ATT_EMPTY",      "ATT_FIRST_DATA", "ATT_IDLE",
 };
 
 /* ---- the retry decision: every outcome x every switch ---------------------------- */
 
 /*
  * Expected request_outcome_retryable(), one string per outcome, one
- * character per combination; position = on_connect*8 + on_timeout*4 +
- * data_sent*2 + replied.  Read in groups of four: (data_sent, replied) =
- * 00 01 10 11, for (on_connect, on_timeout) = 00, 01, 10, 11.
+ * character per combination; position = on_connect*4 + on_timeout*2 +
+ * data_sent.  Read in pairs: data_sent = 0 1, for (on_connect, on_timeout)
+ * = 00, 01, 10, 11.  A reply head that went out (an SSE head, keep-alives)
+ * does not matter: the next attempt's events continue the same reply.
  */
 static const struct {
     enum attempt_outcome o;
@@ -74,15 +75,16 @@ static const struct {
 } retry_table[] = {
     /* clang-format off */
     /*                    oc=0 ot=0  oc=0 ot=1  oc=1 ot=0  oc=1 ot=1 */
-    {ATT_OK,          "0000" "0000" "0000" "0000", "a complete answer: never"},
-    {ATT_DROPPED,     "1100" "1100" "1100" "1100", "its head asked for it: unless data went out"},
-    {ATT_CONNECT,     "0000" "0000" "1100" "1100", "on_connect, before data"},
-    {ATT_TIMEOUT,     "0000" "1100" "0000" "1100", "on_timeout, before data (head or not)"},
-    {ATT_BROKEN,      "0000" "0000" "1000" "1000", "on_connect, before data and before a head"},
-    {ATT_LATE_STATUS, "0000" "0000" "0000" "0000", "never"},
-    {ATT_ABORTED,     "0000" "0000" "0000" "0000", "nobody wants it: never"},
-    {ATT_FIRST_DATA,  "0000" "1100" "0000" "1100", "on_timeout, before data"},
-    {ATT_IDLE,        "0000" "0000" "0000" "0000", "data flowed already: never"},
+    {ATT_OK,          "00" "00" "00" "00", "a complete answer: never"},
+    {ATT_DROPPED,     "10" "10" "10" "10", "its head asked for it: unless data went out"},
+    {ATT_CONNECT,     "00" "00" "10" "10", "on_connect, before data"},
+    {ATT_TIMEOUT,     "00" "10" "00" "10", "on_timeout, before data"},
+    {ATT_BROKEN,      "00" "00" "10" "10", "on_connect, before data (after an SSE head too)"},
+    {ATT_LATE_STATUS, "00" "00" "00" "00", "never"},
+    {ATT_ABORTED,     "00" "00" "00" "00", "nobody wants it: never"},
+    {ATT_EMPTY,       "00" "00" "10" "10", "held, then closed: on_connect, before data"},
+    {ATT_FIRST_DATA,  "00" "10" "00" "10", "on_timeout, before data"},
+    {ATT_IDLE,        "00" "00" "00" "00", "data flowed already: never"},
     /* clang-format on */
 };
 
@@ -98,20 +100,20 @@ test_retryable_table(void **state)
         assert_true((unsigned)o < ATT_OUTCOMES);
         assert_false(seen[o]);
         seen[o] = true;
-        assert_int_equal(strlen(retry_table[i].want), 16);
-        for (int k = 0; k < 16; k++) {
+        assert_int_equal(strlen(retry_table[i].want), 8);
+        for (int k = 0; k < 8; k++) {
             struct conf c;
             memset(&c, 0, sizeof(c));
-            c.retry.on_connect = (k >> 3) & 1;
-            c.retry.on_timeout = (k >> 2) & 1;
-            bool data_sent = (k >> 1) & 1, replied = k & 1;
-            bool got = request_outcome_retryable(&c, o, data_sent, replied);
+            c.retry.on_connect = (k >> 2) & 1;
+            c.retry.on_timeout = (k >> 1) & 1;
+            bool data_sent = k & 1;
+            bool got = request_outcome_retryable(&c, o, data_sent);
             bool want = retry_table[i].want[k] == '1';
             if (got != want) {
-                fail_msg("%s (%s): on_connect=%d on_timeout=%d data_sent=%d replied=%d: "
+                fail_msg("%s (%s): on_connect=%d on_timeout=%d data_sent=%d: "
                          "retryable=%d, want %d",
                          outcome_names[o], retry_table[i].why, c.retry.on_connect,
-                         c.retry.on_timeout, data_sent, replied, got, want);
+                         c.retry.on_timeout, data_sent, got, want);
             }
         }
     }
@@ -128,7 +130,7 @@ test_retryable_out_of_range(void **state)
     c.retry.on_connect = c.retry.on_timeout = true;
     assert_null(request_outcome_rule(ATT_OUTCOMES));
     assert_null(request_outcome_rule((enum attempt_outcome)(-1)));
-    assert_false(request_outcome_retryable(&c, ATT_OUTCOMES, false, false));
+    assert_false(request_outcome_retryable(&c, ATT_OUTCOMES, false));
 }
 
 /* ---- the outcome table ------------------------------------------------------------ */
@@ -150,6 +152,7 @@ static const struct {
     {ATT_BROKEN, ROUTE_FAILURE, true, false, RS_ON_CONNECT, 502, true, END_UP_RESET},
     {ATT_LATE_STATUS, ROUTE_NEUTRAL, false, false, RS_NEVER, 502, false, END_UP_ERROR},
     {ATT_ABORTED, ROUTE_NEUTRAL, true, false, RS_NEVER, 0, false, END_CLIENT_CLOSED},
+    {ATT_EMPTY, ROUTE_FAILURE, true, true, RS_ON_CONNECT, 502, true, END_UP_RESET},
     {ATT_FIRST_DATA, ROUTE_FAILURE, true, true, RS_ON_TIMEOUT, 504, true, END_UP_TIMEOUT},
     {ATT_IDLE, ROUTE_FAILURE, true, true, RS_NEVER, 504, true, END_UP_IDLE},
 };
@@ -1125,9 +1128,43 @@ test_submit_skips_open_circuit(void **state)
     set_circuit(f->up[0], FAILO);
     assert_int_equal(submit(req_new(f, M, NULL), &up), DISPATCH_GO);
     assert_ptr_equal(up, f->up[1]);
+    /* every circuit open for failures: the last way out still takes it (nginx's rule) */
     set_circuit(f->up[1], FAILO);
-    assert_int_equal(submit(req_new(f, M, NULL), &up), DISPATCH_QUEUED);
+    assert_int_equal(submit(req_new(f, M, NULL), &up), DISPATCH_GO);
+    assert_ptr_equal(up, f->up[0]);
     assert_null(dispatch_auth_blocked(f->reqs[1])); /* failures are not the account's */
+    assert_true(dispatch_unreachable(f->reqs[1]) < 0);
+}
+
+/* Every circuit open on connect errors: nothing can be reached; say when to come back. */
+static void
+test_unreachable(void **state)
+{
+    static const struct gw_spec spec = {
+        .nups = 2, .ups = {{"a", 5, 1, {NULL}}, {"b", 5, 1, {NULL}}}, .max_queued = 5};
+    struct fx *f = *state;
+    struct gw_upstream *up;
+    int64_t now = http_now_us();
+
+    fx_build(f, &spec);
+    for (int i = 0; i < ROUTE_TRIP_FAILURES; i++) {
+        circuit_on_result(&f->up[0]->circuit, ROUTE_FAILURE, "connect", now);
+    }
+    struct request *r = req_new(f, M, NULL);
+    assert_true(dispatch_unreachable(r) < 0); /* "b" is fine */
+    for (int i = 0; i < ROUTE_TRIP_FAILURES; i++) {
+        circuit_on_result(&f->up[1]->circuit, ROUTE_FAILURE, "connect", now);
+    }
+    int64_t ms = dispatch_unreachable(r);
+    assert_true(ms >= 0 && ms <= ROUTE_COOLDOWN_MS);
+    assert_int_equal(submit(r, &up), DISPATCH_QUEUED); /* the owner answers 503 first */
+    /* one open for failures is still a way out */
+    set_circuit(f->up[1], CL);
+    f->up[1]->circuit.state = CIRCUIT_CLOSED;
+    for (int i = 0; i < ROUTE_TRIP_FAILURES; i++) {
+        circuit_on_result(&f->up[1]->circuit, ROUTE_FAILURE, "503", now);
+    }
+    assert_true(dispatch_unreachable(r) < 0);
 }
 
 /* After a failure: is there a usable upstream this request has not tried? */
@@ -1614,6 +1651,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_queues_by_destination, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_auth_blocked, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_pump_refuses_auth_blocked, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_unreachable, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_submit_skips_open_circuit, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_alternative, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_requeue_prefers_untried, fx_setup, fx_teardown),
