@@ -83,6 +83,7 @@
 #define LINGER_MS        2000                   /* lingering close: wait for the client's FIN */
 #define RST_WAIT_MS      500                    /* wait for the kernel to send before a RST */
 #define DEFAULT_EVENTS   5
+#define DEFAULT_KA_MS    1000                   /* keep-alive interval without X-Fake-Keepalive-Ms */
 
 /* ------------------------------------------------------------ buffers */
 
@@ -646,7 +647,8 @@ struct req {
     int64_t clen;                   /* -1: none */
     /* X-Fake-* */
     long x_status, x_delay, x_ka, x_events, x_ev_delay, x_reset, x_body_bytes;
-    bool x_trunc, x_never, x_garbage;
+    long x_first, x_hold_close;     /* -1: absent */
+    bool x_trunc, x_never, x_garbage, x_reset_reused;
     struct span x_retry, x_redirect;
     /* running */
     enum ep ep;
@@ -655,7 +657,9 @@ struct req {
     unsigned gen;
     uint64_t seq;
     unsigned log_slot;
-    int64_t t_start, deadline, next_ka;
+    int64_t t_start, deadline, next_ka, delay;
+    long ka_every;                  /* keep-alive interval in RS_KEEPALIVE, 0: none */
+    bool ka_close;                  /* RS_KEEPALIVE ends in a close, not an answer */
     time_t created;
     int status, sent_status;
     /* generated answer */
@@ -670,6 +674,7 @@ struct conn {
     bool dead, shut, wev_on;
     enum closing closing;
     int64_t t_rst;
+    unsigned long nreq;             /* requests dispatched on this connection */
     struct event *rev, *wev, *tev;
     enum tkind tk;
     struct evbuffer *in, *out;
@@ -1604,23 +1609,44 @@ static void answer_now(struct conn *c)
     answer_body(c, r->status, "application/json", b, NULL);
 }
 
-/* During a delay with X-Fake-Keepalive-Ms: the 200 head went out already;
- * send a keep-alive, or the answer once the delay is over. */
+/* A keep-alive line on a started answer. */
+static void out_keepalive(struct conn *c)
+{
+    if (c->r.stream) {
+        out_chunk(c, ": keep-alive\n\n", 14);
+    } else {
+        out_chunk(c, "\n", 1);
+    }
+}
+
+/* Ends the active request by closing the connection after what was sent,
+ * without the rest of the answer (no terminating chunk); /_log shows no
+ * status. */
+static void answer_cut(struct conn *c)
+{
+    c->r.after = AFTER_CLOSE;
+    c->r.sent_status = 0;
+    c->rs = RS_FLUSHING;
+}
+
+/* During a delay with X-Fake-Keepalive-Ms (or X-Fake-First-Token-Ms,
+ * X-Fake-Hold-Close-Ms): the 200 head went out already; send a keep-alive,
+ * or, once the delay is over, the answer (or the close). */
 static void keepalive_tick(struct conn *c)
 {
     struct req *r = &c->r;
     int64_t now = now_ms();
     if (now >= r->deadline) {
-        answer_now(c);
+        if (r->ka_close) {
+            answer_cut(c);
+        } else {
+            answer_now(c);
+        }
         return;
     }
     if (now >= r->next_ka) {
-        if (r->stream) {
-            out_chunk(c, ": keep-alive\n\n", 14);
-        } else {
-            out_chunk(c, "\n", 1);
-        }
-        r->next_ka = now + r->x_ka;
+        out_keepalive(c);
+        r->next_ka = now + r->ka_every;
     }
     int64_t next = r->next_ka < r->deadline ? r->next_ka : r->deadline;
     conn_timer(c, TK_TICK, next - now);
@@ -1651,11 +1677,56 @@ static void control_answer(struct conn *c)
     answer_body(c, 200, "application/json", b, NULL);
 }
 
+/* Can the answer start with a 200 head and keep-alives before it is known?
+ * (The answer will be 2xx with a body.) */
+static bool ka_ok(const struct req *r)
+{
+    return status_normal(r->status) && !r->x_garbage && !r->x_redirect.n && !r->head_method;
+}
+
+/* The head of an answer whose body comes later, chunked. */
+static void ka_head(struct conn *c)
+{
+    struct req *r = &c->r;
+    if (r->stream) {
+        stream_head(c);
+    } else {
+        http_head(c, r->status, "application/json", -1, NULL);
+        r->head_sent = true;
+    }
+}
+
+/* The answer of C is decided (status, model, R->delay): answer now, or wait
+ * from T0 (RS_DELAY, or RS_KEEPALIVE with the head out). */
+static void req_start(struct conn *c, int64_t t0)
+{
+    struct req *r = &c->r;
+    int64_t delay = r->ka_close ? r->x_hold_close : r->delay;
+
+    if (delay <= 0 && !r->ka_close) {
+        answer_now(c);
+        return;
+    }
+    r->deadline = t0 + delay;
+    if (r->head_sent || r->ka_close || ((r->x_ka > 0 || r->x_first >= 0) && ka_ok(r))) {
+        if (!r->head_sent) {
+            ka_head(c);
+        }
+        r->next_ka = r->ka_every > 0 ? t0 + r->ka_every : INT64_MAX;
+        c->rs = RS_KEEPALIVE;
+        conn_timer(c, TK_TICK, (r->next_ka < r->deadline ? r->next_ka : r->deadline) - t0);
+        return;
+    }
+    c->rs = RS_DELAY;
+    conn_timer(c, TK_TICK, delay);
+}
+
 /* A complete request was parsed: count it, decide its answer and when. */
 static void req_dispatch(struct conn *c)
 {
     struct fake *f = c->f;
     struct req *r = &c->r;
+    bool reused = c->nreq++ > 0;
 
     r->ep = route(r);
     r->after = r->keepalive ? AFTER_KEEP : AFTER_CLOSE;
@@ -1678,14 +1749,27 @@ static void req_dispatch(struct conn *c)
     }
     log_add(f, c);
 
+    if (r->x_reset_reused && reused) {
+        r->after = AFTER_RST;                    /* before any byte of an answer */
+        c->rs = RS_FLUSHING;
+        return;
+    }
     if (r->x_never) {
         c->rs = RS_NEVER;
         return;
     }
-    int64_t delay = r->x_delay;
+    r->delay = r->x_first >= 0 ? r->x_first : r->x_delay;
+    r->ka_every = r->x_ka;
     if (r->completion && f->opt.capacity > 0 && f->cinflight > f->opt.capacity) {
         r->status = 503;                         /* at once */
-        delay = 0;
+        r->delay = 0;
+    } else if (r->x_hold_close >= 0 && !r->head_method) {
+        r->status = 200;                         /* keep-alives, then close */
+        if (r->completion) {
+            model_prepare(c);                    /* for "stream"; not JSON: no stream */
+        }
+        r->ka_close = true;
+        r->ka_every = r->x_ka > 0 ? r->x_ka : DEFAULT_KA_MS;
     } else {
         if (r->x_status) {
             r->status = (int)r->x_status;
@@ -1697,33 +1781,14 @@ static void req_dispatch(struct conn *c)
             r->status = 200;
         }
         if (r->completion) {
-            delay += f->opt.latency_ms;
+            r->delay += f->opt.latency_ms;
         }
         if (r->completion && status_normal(r->status) && model_prepare(c) < 0) {
             r->status = 400;
             r->bad_json = true;
         }
     }
-    if (delay <= 0) {
-        answer_now(c);
-        return;
-    }
-    r->deadline = r->t_start + delay;
-    if (r->x_ka > 0 && status_normal(r->status) && !r->x_garbage && !r->x_redirect.n &&
-        !r->head_method) {
-        if (r->stream) {
-            stream_head(c);
-        } else {
-            http_head(c, r->status, "application/json", -1, NULL);
-            r->head_sent = true;
-        }
-        r->next_ka = r->t_start + r->x_ka;
-        c->rs = RS_KEEPALIVE;
-        conn_timer(c, TK_TICK, r->x_ka < delay ? r->x_ka : delay);
-        return;
-    }
-    c->rs = RS_DELAY;
-    conn_timer(c, TK_TICK, delay);
+    req_start(c, r->t_start);
 }
 
 /* ------------------------------------------------------------ parsing */
@@ -1742,6 +1807,8 @@ static int req_parse_head(struct conn *c, int *err)
     memset(r, 0, sizeof *r);
     r->clen = -1;
     r->x_reset = -1;
+    r->x_first = -1;
+    r->x_hold_close = -1;
     r->x_events = DEFAULT_EVENTS;
     *err = 400;
     if (!head_line(&p, end, &l) ||
@@ -1767,6 +1834,12 @@ static int req_parse_head(struct conn *c, int *err)
                 span_num(v, MAX_MS, &r->x_delay);
             } else if (span_ieq(s, "keepalive-ms")) {
                 span_num(v, MAX_MS, &r->x_ka);
+            } else if (span_ieq(s, "first-token-ms")) {
+                span_num(v, MAX_MS, &r->x_first);
+            } else if (span_ieq(s, "hold-close-ms")) {
+                span_num(v, MAX_MS, &r->x_hold_close);
+            } else if (span_ieq(s, "reset-reused")) {
+                r->x_reset_reused = span_true(v);
             } else if (span_ieq(s, "events")) {
                 if (span_num(v, MAX_EVENTS, &n) && n >= 1) {
                     r->x_events = n;
