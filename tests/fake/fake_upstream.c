@@ -17,6 +17,9 @@
  *
  *   accept -> IDLE --parse head+body--> dispatch --+-- control: answer, not counted
  *              ^                                   +-- NEVER (until the client leaves)
+ *              |                                   +-- HELD (--hold: 200 head, ticks, in the
+ *              |                                   |   FIFO) --admitted--> as below, head sent;
+ *              |                                   |   --hold-max-ms--> FLUSHING (close)
  *              |                                   +-- DELAY --------------+
  *              |                                   +-- KEEPALIVE (200 head |
  *              |                                   |   sent, ticks) -------+
