@@ -17,6 +17,9 @@
  *
  *   accept -> IDLE --parse head+body--> dispatch --+-- control: answer, not counted
  *              ^                                   +-- NEVER (until the client leaves)
+ *              |                                   +-- HELD (--hold: 200 head, ticks, in the
+ *              |                                   |   FIFO) --admitted--> as below, head sent;
+ *              |                                   |   --hold-max-ms--> FLUSHING (close)
  *              |                                   +-- DELAY --------------+
  *              |                                   +-- KEEPALIVE (200 head |
  *              |                                   |   sent, ticks) -------+
@@ -83,6 +86,7 @@
 #define LINGER_MS        2000                   /* lingering close: wait for the client's FIN */
 #define RST_WAIT_MS      500                    /* wait for the kernel to send before a RST */
 #define DEFAULT_EVENTS   5
+#define DEFAULT_KA_MS    1000                   /* keep-alive interval without X-Fake-Keepalive-Ms */
 
 /* ------------------------------------------------------------ buffers */
 
@@ -581,6 +585,9 @@ struct opts {
     int status;                     /* 0: normal */
     const char *retry_after;        /* NULL: none */
     bool quiet;
+    bool hold;                      /* over capacity: hold (200, keep-alives), not 503 */
+    long hold_ka_ms, hold_max_ms;
+    long account_limit;             /* 0: none; beyond: 429 */
 };
 
 struct logent {
@@ -590,11 +597,12 @@ struct logent {
     int64_t t_start, t_end, t_closed;   /* -1: not yet / never */
     int status;                     /* 0: no HTTP answer (never, garbage, reset) */
     bool client_closed;
+    int64_t held_ms;                /* -1: not held (or still held) */
 };
 
 struct stats {
-    uint64_t requests, completed, client_closed, conns_total;
-    long inflight, max_inflight;
+    uint64_t requests, completed, client_closed, conns_total, held_total, hold_closed;
+    long inflight, max_inflight, held;
 };
 
 struct conn;
@@ -606,6 +614,9 @@ struct fake {
     unsigned gen;                   /* bumped by /_reset */
     uint64_t seq;                   /* call number, never reset */
     long cinflight;                 /* completion requests in flight (for --capacity) */
+    long cheld;                     /* of them, held (--hold): not in the capacity */
+    struct conn *hold_head, *hold_tail; /* the held requests, oldest first */
+    struct event *admitter;         /* admits held requests once there is room */
     uint64_t rng;
     struct logent log[LOG_MAX];
     unsigned log_next, log_count;
@@ -623,12 +634,12 @@ struct fake {
 
 enum ep {
     EP_ECHO, EP_CHAT, EP_COMPL, EP_EMBED, EP_MODELS,
-    EP_STATS, EP_RESET, EP_LOG,                 /* control: not counted */
+    EP_STATS, EP_RESET, EP_LOG, EP_CONFIG,      /* control: not counted */
 };
 
 enum pstate { PS_HEAD, PS_BODY, PS_CHUNK_SIZE, PS_CHUNK_DATA, PS_CHUNK_CRLF, PS_TRAILER, PS_DONE };
 
-enum rstate { RS_IDLE, RS_NEVER, RS_DELAY, RS_KEEPALIVE, RS_STREAM, RS_FLUSHING };
+enum rstate { RS_IDLE, RS_NEVER, RS_HELD, RS_DELAY, RS_KEEPALIVE, RS_STREAM, RS_FLUSHING };
 
 enum after { AFTER_KEEP, AFTER_CLOSE, AFTER_RST };
 
@@ -646,7 +657,8 @@ struct req {
     int64_t clen;                   /* -1: none */
     /* X-Fake-* */
     long x_status, x_delay, x_ka, x_events, x_ev_delay, x_reset, x_body_bytes;
-    bool x_trunc, x_never, x_garbage;
+    long x_first, x_hold_close;     /* -1: absent */
+    bool x_trunc, x_never, x_garbage, x_reset_reused;
     struct span x_retry, x_redirect;
     /* running */
     enum ep ep;
@@ -655,7 +667,12 @@ struct req {
     unsigned gen;
     uint64_t seq;
     unsigned log_slot;
-    int64_t t_start, deadline, next_ka;
+    int64_t t_start, deadline, next_ka, delay;
+    long ka_every;                  /* keep-alive interval in RS_KEEPALIVE, 0: none */
+    bool ka_close;                  /* RS_KEEPALIVE ends in a close, not an answer */
+    bool held, was_held;            /* in the hold FIFO now / was */
+    bool acct;                      /* 429 by --account-limit */
+    int64_t t_held, last_ka;
     time_t created;
     int status, sent_status;
     /* generated answer */
@@ -666,10 +683,12 @@ struct req {
 struct conn {
     struct fake *f;
     struct conn *prev, *next, *next_dead;
+    struct conn *hold_prev, *hold_next;   /* the hold FIFO */
     int fd;
     bool dead, shut, wev_on;
     enum closing closing;
     int64_t t_rst;
+    unsigned long nreq;             /* requests dispatched on this connection */
     struct event *rev, *wev, *tev;
     enum tkind tk;
     struct evbuffer *in, *out;
@@ -690,6 +709,7 @@ struct conn {
 
 static void conn_step(struct conn *c);
 static void conn_close(struct conn *c, bool rst);
+static void hold_leave(struct conn *c, int64_t now);
 
 /* ------------------------------------------------------------ misc */
 
@@ -796,6 +816,7 @@ static void log_add(struct fake *f, struct conn *c)
     e->t_end = e->t_closed = -1;
     e->status = 0;
     e->client_closed = false;
+    e->held_ms = -1;
     f->log_body_bytes += blen;
     c->r.log_slot = slot;
 }
@@ -861,6 +882,8 @@ static void log_json(struct fake *f, struct buf *b)
         }
         buf_lit(b, ",\"t_closed_ms\":");
         js_ms(b, e->t_closed);
+        buf_lit(b, ",\"held_ms\":");
+        js_ms(b, e->held_ms);
         buf_lit(b, "}");
     }
     buf_lit(b, "]");
@@ -886,6 +909,12 @@ static void stats_json(struct fake *f, struct buf *b)
     buf_u64(b, f->st.conns_total);
     buf_lit(b, ",\"seq\":");
     buf_u64(b, f->seq);
+    buf_lit(b, ",\"held\":");
+    buf_i64(b, f->st.held);
+    buf_lit(b, ",\"held_total\":");
+    buf_u64(b, f->st.held_total);
+    buf_lit(b, ",\"hold_closed\":");
+    buf_u64(b, f->st.hold_closed);
     buf_lit(b, "}");
 }
 
@@ -1000,6 +1029,8 @@ static void http_head(struct conn *c, int status, const char *ctype, int64_t cle
             buf_lit(h, "Retry-After: ");
             buf_str(h, f->opt.retry_after);
             buf_lit(h, "\r\n");
+        } else if (r->acct) {
+            buf_lit(h, "Retry-After: 1\r\n");
         }
     }
     if (extra) {
@@ -1079,7 +1110,7 @@ static void error_json(struct conn *c, struct buf *b)
                    "\"code\":\"invalid_request_error\"}}");
         return;
     }
-    js_cstr(b, si.message);
+    js_cstr(b, c->r.acct ? "Too many concurrent requests" : si.message);
     buf_lit(b, ",\"type\":");
     js_cstr(b, si.type);
     buf_lit(b, ",\"param\":null,\"code\":");
@@ -1467,6 +1498,9 @@ static enum ep route(const struct req *r)
         if (span_eq(p, "/_log")) {
             return EP_LOG;
         }
+        if (span_eq(p, "/_config")) {
+            return EP_CONFIG;
+        }
     }
     if (span_eq(r->method, "POST")) {
         if (span_eq(p, "/v1/chat/completions") || span_eq(p, "/chat/completions")) {
@@ -1484,6 +1518,33 @@ static enum ep route(const struct req *r)
         }
     }
     return EP_ECHO;
+}
+
+/* Takes the request of C out of the hold FIFO (admitted, cut or gone). */
+static void hold_leave(struct conn *c, int64_t now)
+{
+    struct fake *f = c->f;
+    struct req *r = &c->r;
+    if (c->hold_prev) {
+        c->hold_prev->hold_next = c->hold_next;
+    } else {
+        f->hold_head = c->hold_next;
+    }
+    if (c->hold_next) {
+        c->hold_next->hold_prev = c->hold_prev;
+    } else {
+        f->hold_tail = c->hold_prev;
+    }
+    c->hold_prev = c->hold_next = NULL;
+    f->cheld--;
+    if (r->gen == f->gen) {
+        f->st.held--;
+    }
+    r->held = false;
+    struct logent *e = log_find(f, r);
+    if (e) {
+        e->held_ms = now - r->t_held;
+    }
 }
 
 /* Ends the active request of C: counters, /_log, access line.  CLOSED: the
@@ -1511,8 +1572,14 @@ static void req_end(struct conn *c, bool closed)
     if (!r->counted) {
         return;
     }
+    if (r->held) {
+        hold_leave(c, now);
+    }
     if (r->completion) {
         f->cinflight--;
+        if (f->hold_head) {
+            event_active(f->admitter, EV_READ, 0);
+        }
     }
     if (r->gen == f->gen) {
         f->st.inflight--;
@@ -1532,10 +1599,11 @@ static void req_end(struct conn *c, bool closed)
         }
     }
     if (!f->opt.quiet) {
-        fprintf(stderr, "fake%s%s: #%" PRIu64 " %.*s %.*s -> %d%s%s %" PRId64 " ms\n",
+        fprintf(stderr, "fake%s%s: #%" PRIu64 " %.*s %.*s -> %d%s%s%s %" PRId64 " ms\n",
                 f->opt.name ? " " : "", f->opt.name ? f->opt.name : "", r->seq,
                 (int)r->method.n, r->method.p, (int)r->path.n, r->path.p, r->sent_status,
-                r->stream ? " stream" : "", closed ? " client-closed" : "", now - r->t_start);
+                r->stream ? " stream" : "", r->was_held ? " held" : "",
+                closed ? " client-closed" : "", now - r->t_start);
     }
 }
 
@@ -1604,26 +1672,134 @@ static void answer_now(struct conn *c)
     answer_body(c, r->status, "application/json", b, NULL);
 }
 
-/* During a delay with X-Fake-Keepalive-Ms: the 200 head went out already;
- * send a keep-alive, or the answer once the delay is over. */
+/* A keep-alive line on a started answer. */
+static void out_keepalive(struct conn *c)
+{
+    if (c->r.stream) {
+        out_chunk(c, ": keep-alive\n\n", 14);
+    } else {
+        out_chunk(c, "\n", 1);
+    }
+}
+
+/* Ends the active request by closing the connection after what was sent,
+ * without the rest of the answer (no terminating chunk); /_log shows no
+ * status. */
+static void answer_cut(struct conn *c)
+{
+    c->r.after = AFTER_CLOSE;
+    c->r.sent_status = 0;
+    c->rs = RS_FLUSHING;
+}
+
+/* During a delay with X-Fake-Keepalive-Ms (or X-Fake-First-Token-Ms,
+ * X-Fake-Hold-Close-Ms): the 200 head went out already; send a keep-alive,
+ * or, once the delay is over, the answer (or the close). */
 static void keepalive_tick(struct conn *c)
 {
     struct req *r = &c->r;
     int64_t now = now_ms();
     if (now >= r->deadline) {
-        answer_now(c);
+        if (r->ka_close) {
+            answer_cut(c);
+        } else {
+            answer_now(c);
+        }
         return;
     }
     if (now >= r->next_ka) {
-        if (r->stream) {
-            out_chunk(c, ": keep-alive\n\n", 14);
-        } else {
-            out_chunk(c, "\n", 1);
-        }
-        r->next_ka = now + r->x_ka;
+        out_keepalive(c);
+        r->next_ka = now + r->ka_every;
     }
     int64_t next = r->next_ka < r->deadline ? r->next_ka : r->deadline;
     conn_timer(c, TK_TICK, next - now);
+}
+
+static void config_json(struct fake *f, struct buf *b)
+{
+    buf_lit(b, "{\"capacity\":");
+    buf_i64(b, f->opt.capacity);
+    buf_lit(b, ",\"hold\":");
+    if (f->opt.hold) {
+        buf_lit(b, "true");
+    } else {
+        buf_lit(b, "false");
+    }
+    buf_lit(b, ",\"hold_max_ms\":");
+    buf_i64(b, f->opt.hold_max_ms);
+    buf_lit(b, ",\"hold_keepalive_ms\":");
+    buf_i64(b, f->opt.hold_ka_ms);
+    buf_lit(b, ",\"latency_ms\":");
+    buf_i64(b, f->opt.latency_ms);
+    buf_lit(b, ",\"account_limit\":");
+    buf_i64(b, f->opt.account_limit);
+    buf_lit(b, "}");
+}
+
+/* POST /_config with a JSON object: sets the fields it names (all or
+ * none).  0, or -1 with C->errmsg set. */
+static int config_set(struct conn *c)
+{
+    static const struct {
+        const char *key;
+        long min, max;
+    } keys[] = {
+        { "capacity", 0, LONG_MAX }, { "hold_max_ms", 0, MAX_MS },
+        { "hold_keepalive_ms", 1, MAX_MS }, { "latency_ms", 0, MAX_MS },
+        { "account_limit", 0, LONG_MAX },
+    };
+    struct fake *f = c->f;
+    long *dst[] = { &f->opt.capacity, &f->opt.hold_max_ms, &f->opt.hold_ka_ms,
+                    &f->opt.latency_ms, &f->opt.account_limit };
+    long val[sizeof keys / sizeof keys[0]];
+    bool set[sizeof keys / sizeof keys[0]] = { false };
+    int hold = -1;
+    json_error_t jerr;
+    json_t *root = json_loadb(c->body.p ? c->body.p : "", c->body.len, 0, &jerr);
+    const char *k;
+    json_t *v;
+
+    c->errmsg.len = 0;
+    if (!json_is_object(root)) {
+        buf_str(&c->errmsg, "/_config: want a JSON object");
+        json_decref(root);
+        return -1;
+    }
+    json_object_foreach(root, k, v) {
+        if (strcmp(k, "hold") == 0 && json_is_boolean(v)) {
+            hold = json_is_true(v);
+            continue;
+        }
+        size_t i = 0;
+        while (i < sizeof keys / sizeof keys[0] && strcmp(k, keys[i].key) != 0) {
+            i++;
+        }
+        if (i == sizeof keys / sizeof keys[0] || !json_is_integer(v) ||
+            json_integer_value(v) < keys[i].min || json_integer_value(v) > keys[i].max) {
+            buf_printf(&c->errmsg, "/_config: bad field \"%s\"", k);
+            json_decref(root);
+            return -1;
+        }
+        val[i] = (long)json_integer_value(v);
+        set[i] = true;
+    }
+    json_decref(root);
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        if (set[i]) {
+            *dst[i] = val[i];
+        }
+    }
+    if (hold >= 0) {
+        f->opt.hold = hold;
+    }
+    /* the held requests: new limits from now on, and room maybe */
+    for (struct conn *h = f->hold_head; h; h = h->hold_next) {
+        conn_timer(h, TK_TICK, 0);
+    }
+    if (f->hold_head) {
+        event_active(f->admitter, EV_READ, 0);
+    }
+    return 0;
 }
 
 static void control_answer(struct conn *c)
@@ -1643,6 +1819,19 @@ static void control_answer(struct conn *c)
         fake_reset(f);
         buf_lit(b, "{\"ok\":true}");
         break;
+    case EP_CONFIG:
+        if (span_eq(r->method, "GET") || span_eq(r->method, "HEAD")) {
+            config_json(f, b);
+        } else if (config_set(c) < 0) {
+            r->status = 400;
+            r->bad_json = true;
+            error_json(c, b);
+            answer_body(c, 400, "application/json", b, NULL);
+            return;
+        } else {
+            buf_lit(b, "{\"ok\":true}");
+        }
+        break;
     default:
         log_json(f, b);
         break;
@@ -1651,11 +1840,128 @@ static void control_answer(struct conn *c)
     answer_body(c, 200, "application/json", b, NULL);
 }
 
+/* Can the answer start with a 200 head and keep-alives before it is known?
+ * (The answer will be 2xx with a body.) */
+static bool ka_ok(const struct req *r)
+{
+    return status_normal(r->status) && !r->x_garbage && !r->x_redirect.n && !r->head_method;
+}
+
+/* The head of an answer whose body comes later, chunked. */
+static void ka_head(struct conn *c)
+{
+    struct req *r = &c->r;
+    if (r->stream) {
+        stream_head(c);
+    } else {
+        http_head(c, r->status, "application/json", -1, NULL);
+        r->head_sent = true;
+    }
+}
+
+/* The answer of C is decided (status, model, R->delay): answer now, or wait
+ * from T0 (RS_DELAY, or RS_KEEPALIVE with the head out). */
+static void req_start(struct conn *c, int64_t t0)
+{
+    struct req *r = &c->r;
+    int64_t delay = r->ka_close ? r->x_hold_close : r->delay;
+
+    if (delay <= 0 && !r->ka_close) {
+        answer_now(c);
+        return;
+    }
+    r->deadline = t0 + delay;
+    if (r->head_sent || r->ka_close || ((r->x_ka > 0 || r->x_first >= 0) && ka_ok(r))) {
+        if (!r->head_sent) {
+            ka_head(c);
+        }
+        r->next_ka = r->ka_every > 0 ? (r->was_held ? r->last_ka : t0) + r->ka_every : INT64_MAX;
+        c->rs = RS_KEEPALIVE;
+        conn_timer(c, TK_TICK, (r->next_ka < r->deadline ? r->next_ka : r->deadline) - t0);
+        return;
+    }
+    c->rs = RS_DELAY;
+    conn_timer(c, TK_TICK, delay);
+}
+
+/* Keep-alive interval of a held request. */
+static long hold_ka_every(struct conn *c)
+{
+    return c->r.x_ka > 0 ? c->r.x_ka : c->f->opt.hold_ka_ms;
+}
+
+/* While held: a keep-alive when due, or the close after --hold-max-ms. */
+static void hold_tick(struct conn *c)
+{
+    struct fake *f = c->f;
+    struct req *r = &c->r;
+    int64_t now = now_ms();
+    int64_t deadline = r->t_held + f->opt.hold_max_ms;
+    int64_t every = hold_ka_every(c);
+
+    if (now >= deadline) {
+        hold_leave(c, now);
+        if (r->gen == f->gen) {
+            f->st.hold_closed++;
+        }
+        answer_cut(c);
+        return;
+    }
+    if (now >= r->last_ka + every) {
+        out_keepalive(c);
+        r->last_ka = now;
+    }
+    int64_t next = r->last_ka + every < deadline ? r->last_ka + every : deadline;
+    conn_timer(c, TK_TICK, next - now);
+}
+
+/* Over capacity with --hold: the 200 head now, then keep-alives at the end
+ * of the FIFO until admitted or cut. */
+static void hold_enter(struct conn *c)
+{
+    struct fake *f = c->f;
+    struct req *r = &c->r;
+    r->held = r->was_held = true;
+    r->t_held = r->last_ka = now_ms();
+    c->hold_prev = f->hold_tail;
+    c->hold_next = NULL;
+    if (f->hold_tail) {
+        f->hold_tail->hold_next = c;
+    } else {
+        f->hold_head = c;
+    }
+    f->hold_tail = c;
+    f->cheld++;
+    f->st.held++;
+    f->st.held_total++;
+    ka_head(c);
+    c->rs = RS_HELD;
+    hold_tick(c);
+}
+
+/* Admits held requests, oldest first, while the capacity has room. */
+static void admit_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct fake *f = arg;
+    (void)fd;
+    (void)what;
+    while (f->hold_head &&
+           (f->opt.capacity == 0 || f->cinflight - f->cheld < f->opt.capacity)) {
+        struct conn *c = f->hold_head;
+        int64_t now = now_ms();
+        hold_leave(c, now);
+        c->r.ka_every = hold_ka_every(c);
+        req_start(c, now);
+        conn_step(c);
+    }
+}
+
 /* A complete request was parsed: count it, decide its answer and when. */
 static void req_dispatch(struct conn *c)
 {
     struct fake *f = c->f;
     struct req *r = &c->r;
+    bool reused = c->nreq++ > 0;
 
     r->ep = route(r);
     r->after = r->keepalive ? AFTER_KEEP : AFTER_CLOSE;
@@ -1678,14 +1984,35 @@ static void req_dispatch(struct conn *c)
     }
     log_add(f, c);
 
+    if (r->x_reset_reused && reused) {
+        r->after = AFTER_RST;                    /* before any byte of an answer */
+        c->rs = RS_FLUSHING;
+        return;
+    }
     if (r->x_never) {
         c->rs = RS_NEVER;
         return;
     }
-    int64_t delay = r->x_delay;
-    if (r->completion && f->opt.capacity > 0 && f->cinflight > f->opt.capacity) {
+    r->delay = r->x_first >= 0 ? r->x_first : r->x_delay;
+    r->ka_every = r->x_ka;
+    bool over = r->completion &&
+                ((f->opt.capacity > 0 && f->cinflight - f->cheld > f->opt.capacity) ||
+                 f->hold_head != NULL);         /* none overtakes a held one */
+    if (r->completion && f->opt.account_limit > 0 && f->cinflight > f->opt.account_limit) {
+        r->status = 429;                         /* at once */
+        r->acct = true;
+        r->delay = 0;
+        over = false;
+    } else if (over && !f->opt.hold) {
         r->status = 503;                         /* at once */
-        delay = 0;
+        r->delay = 0;
+    } else if (r->x_hold_close >= 0 && !r->head_method) {
+        r->status = 200;                         /* keep-alives, then close */
+        if (r->completion) {
+            model_prepare(c);                    /* for "stream"; not JSON: no stream */
+        }
+        r->ka_close = true;
+        r->ka_every = r->x_ka > 0 ? r->x_ka : DEFAULT_KA_MS;
     } else {
         if (r->x_status) {
             r->status = (int)r->x_status;
@@ -1697,33 +2024,23 @@ static void req_dispatch(struct conn *c)
             r->status = 200;
         }
         if (r->completion) {
-            delay += f->opt.latency_ms;
+            r->delay += f->opt.latency_ms;
         }
         if (r->completion && status_normal(r->status) && model_prepare(c) < 0) {
             r->status = 400;
             r->bad_json = true;
         }
     }
-    if (delay <= 0) {
-        answer_now(c);
-        return;
-    }
-    r->deadline = r->t_start + delay;
-    if (r->x_ka > 0 && status_normal(r->status) && !r->x_garbage && !r->x_redirect.n &&
-        !r->head_method) {
-        if (r->stream) {
-            stream_head(c);
-        } else {
-            http_head(c, r->status, "application/json", -1, NULL);
-            r->head_sent = true;
+    if (over && f->opt.hold) {
+        if (r->ka_close || ka_ok(r)) {
+            hold_enter(c);
+            return;
         }
-        r->next_ka = r->t_start + r->x_ka;
-        c->rs = RS_KEEPALIVE;
-        conn_timer(c, TK_TICK, r->x_ka < delay ? r->x_ka : delay);
-        return;
+        r->status = 503;                         /* no 2xx answer: not held */
+        r->bad_json = false;
+        r->delay = 0;
     }
-    c->rs = RS_DELAY;
-    conn_timer(c, TK_TICK, delay);
+    req_start(c, r->t_start);
 }
 
 /* ------------------------------------------------------------ parsing */
@@ -1742,6 +2059,8 @@ static int req_parse_head(struct conn *c, int *err)
     memset(r, 0, sizeof *r);
     r->clen = -1;
     r->x_reset = -1;
+    r->x_first = -1;
+    r->x_hold_close = -1;
     r->x_events = DEFAULT_EVENTS;
     *err = 400;
     if (!head_line(&p, end, &l) ||
@@ -1767,6 +2086,12 @@ static int req_parse_head(struct conn *c, int *err)
                 span_num(v, MAX_MS, &r->x_delay);
             } else if (span_ieq(s, "keepalive-ms")) {
                 span_num(v, MAX_MS, &r->x_ka);
+            } else if (span_ieq(s, "first-token-ms")) {
+                span_num(v, MAX_MS, &r->x_first);
+            } else if (span_ieq(s, "hold-close-ms")) {
+                span_num(v, MAX_MS, &r->x_hold_close);
+            } else if (span_ieq(s, "reset-reused")) {
+                r->x_reset_reused = span_true(v);
             } else if (span_ieq(s, "events")) {
                 if (span_num(v, MAX_EVENTS, &n) && n >= 1) {
                     r->x_events = n;
@@ -2169,6 +2494,7 @@ static void conn_step(struct conn *c)
             continue;
         }
         case RS_NEVER:
+        case RS_HELD:
         case RS_DELAY:
         case RS_KEEPALIVE:
             return;
@@ -2270,6 +2596,8 @@ static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
             answer_now(c);
         } else if (c->rs == RS_KEEPALIVE) {
             keepalive_tick(c);
+        } else if (c->rs == RS_HELD) {
+            hold_tick(c);
         }
         break;
     case TK_EVENT:
@@ -2370,7 +2698,8 @@ static void usage(FILE *out)
     fprintf(out,
             "usage: fake_upstream [--port N] [--host 127.0.0.1] [--capacity N] [--fail-rate F]\n"
             "                     [--latency-ms N] [--seed N] [--name NAME] [--status N]\n"
-            "                     [--retry-after S] [--quiet]\n"
+            "                     [--retry-after S] [--hold] [--hold-keepalive-ms N]\n"
+            "                     [--hold-max-ms N] [--account-limit N] [--quiet]\n"
             "A fake DeepSeek API for tests; see tests/fake/README.md.\n");
 }
 
@@ -2383,6 +2712,8 @@ static bool header_safe(const char *s)
     }
     return true;
 }
+
+enum { OPT_HOLD = 256, OPT_HOLD_KA, OPT_HOLD_MAX, OPT_ACCOUNT };
 
 static int opts_parse(int argc, char **argv, struct opts *o)
 {
@@ -2397,6 +2728,10 @@ static int opts_parse(int argc, char **argv, struct opts *o)
         { "status", required_argument, NULL, 'S' },
         { "retry-after", required_argument, NULL, 'r' },
         { "quiet", no_argument, NULL, 'q' },
+        { "hold", no_argument, NULL, OPT_HOLD },
+        { "hold-keepalive-ms", required_argument, NULL, OPT_HOLD_KA },
+        { "hold-max-ms", required_argument, NULL, OPT_HOLD_MAX },
+        { "account-limit", required_argument, NULL, OPT_ACCOUNT },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -2404,6 +2739,8 @@ static int opts_parse(int argc, char **argv, struct opts *o)
 
     o->host = "127.0.0.1";
     o->seed = 1;
+    o->hold_ka_ms = 1000;
+    o->hold_max_ms = 600000;
     while ((ch = getopt_long(argc, argv, "p:H:c:f:l:s:n:S:r:qh", longopts, NULL)) != -1) {
         char *end = NULL;
         errno = 0;
@@ -2474,6 +2811,24 @@ static int opts_parse(int argc, char **argv, struct opts *o)
         case 'q':
             o->quiet = true;
             break;
+        case OPT_HOLD:
+            o->hold = true;
+            break;
+        case OPT_HOLD_KA:
+        case OPT_HOLD_MAX:
+        case OPT_ACCOUNT: {
+            long v = strtol(optarg, &end, 10);
+            long min = ch == OPT_HOLD_KA ? 1 : 0, max = ch == OPT_ACCOUNT ? LONG_MAX : MAX_MS;
+            if (*optarg == 0 || *end || errno || v < min || v > max) {
+                fprintf(stderr, "fake_upstream: --%s: bad value \"%s\"\n",
+                        ch == OPT_HOLD_KA ? "hold-keepalive-ms"
+                        : ch == OPT_HOLD_MAX ? "hold-max-ms" : "account-limit", optarg);
+                return -1;
+            }
+            *(ch == OPT_HOLD_KA ? &o->hold_ka_ms : ch == OPT_HOLD_MAX ? &o->hold_max_ms
+                                                 : &o->account_limit) = v;
+            break;
+        }
         case 'h':
             usage(stdout);
             exit(0);
@@ -2546,11 +2901,12 @@ int main(int argc, char **argv)
         return 1;
     }
     f->reaper = event_new(f->base, -1, 0, reaper_cb, f);
+    f->admitter = event_new(f->base, -1, 0, admit_cb, f);
     f->relisten = evtimer_new(f->base, relisten_cb, f);
     f->flusher = event_new(f->base, -1, EV_PERSIST, flush_cb, f);
     struct event *sigterm = evsignal_new(f->base, SIGTERM, signal_cb, f);
     struct event *sigint = evsignal_new(f->base, SIGINT, signal_cb, f);
-    if (!f->reaper || !f->relisten || !f->flusher || !sigterm || !sigint) {
+    if (!f->reaper || !f->admitter || !f->relisten || !f->flusher || !sigterm || !sigint) {
         fprintf(stderr, "fake_upstream: cannot create events\n");
         return 1;
     }
@@ -2577,6 +2933,7 @@ int main(int argc, char **argv)
     event_free(sigterm);
     event_free(sigint);
     event_free(f->reaper);
+    event_free(f->admitter);
     event_free(f->relisten);
     event_free(f->flusher);
     event_base_free(f->base);
