@@ -1159,8 +1159,7 @@ test_unreachable(void **state)
     assert_true(ms >= 0 && ms <= ROUTE_COOLDOWN_MS);
     assert_int_equal(submit(r, &up), DISPATCH_QUEUED); /* the owner answers 503 first */
     /* one open for failures is still a way out */
-    set_circuit(f->up[1], CL);
-    f->up[1]->circuit.state = CIRCUIT_CLOSED;
+    circuit_init(&f->up[1]->circuit);
     for (int i = 0; i < ROUTE_TRIP_FAILURES; i++) {
         circuit_on_result(&f->up[1]->circuit, ROUTE_FAILURE, "503", now);
     }
