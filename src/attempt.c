@@ -632,6 +632,12 @@ attempt_cancel(struct attempt *a)
 }
 
 void
+attempt_head_out(struct attempt *a)
+{
+    head_defer_clear(a);
+}
+
+void
 attempt_send_head(struct attempt *a)
 {
     if (a->head_deferred) {

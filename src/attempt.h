@@ -155,6 +155,8 @@ int attempt_start(struct attempt *a, struct upstream_ctx *ctx, struct gw_upstrea
 bool attempt_running(const struct attempt *a);
 /* Stop the transfer, if any; no callback runs afterwards. */
 void attempt_cancel(struct attempt *a);
+/* The owner sent a reply head itself: a head the attempt holds will not go. */
+void attempt_head_out(struct attempt *a);
 /* Send a head still held (ATT_OK with head_pending that is passed on as it is). */
 void attempt_send_head(struct attempt *a);
 /* The receiver drained: a paused transfer goes on (may deliver data at once). */

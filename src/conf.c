@@ -137,9 +137,23 @@ static const struct conf_key conf_upstream_keys[] = {
     {.name = NULL},
 };
 
+static const struct conf_key conf_class_wait_keys[] = {
+    {KEY("high", CT_DUR, C(queue.class_max_wait_ms[PRIO_HIGH]), 0, MS_D, "0")}, /* 0: max_wait */
+    {KEY("medium", CT_DUR, C(queue.class_max_wait_ms[PRIO_MEDIUM]), 0, MS_D, "0")},
+    {KEY("low", CT_DUR, C(queue.class_max_wait_ms[PRIO_LOW]), 0, MS_D, "0")},
+    {.name = NULL},
+};
+
+static const struct conf_key conf_keepalive_keys[] = {
+    {KEY("after", CT_DUR, C(keepalive.after_ms), 0, MS_H, "2s")}, /* 0: off */
+    {KEY("every", CT_DUR, C(keepalive.every_ms), 100, MS_M, "3s")},
+    {.name = NULL},
+};
+
 static const struct conf_key conf_queue_keys[] = {
     {KEY("max_queued", CT_I64, C(queue.max_queued), 0, 1000000, "10000")},
     {KEY("max_wait", CT_DUR, C(queue.max_wait_ms), 1, MS_D, "300s")},
+    {KEY("max_wait_by_class", CT_MAP, 0, 0, 0, NULL), .sub = conf_class_wait_keys},
     {KEY("default_priority", CT_ENUM, C(queue.default_priority), 0, 0, "medium"),
      .names = conf_prio_names},
     {KEY("aging", CT_DUR, C(queue.aging_ms), 0, MS_D, "30s")}, /* 0: off */
@@ -232,6 +246,7 @@ static const struct conf_key conf_keys[] = {
     {KEY("clients", CT_LIST, C(clients), 0, 10000, NULL), .noff = C(nclients),
      .size = sizeof(struct conf_client), .sub = conf_client_keys, .item = conf_check_client},
     {KEY("limits", CT_MAP, 0, 0, 0, NULL), .sub = conf_limit_keys},
+    {KEY("keepalive", CT_MAP, 0, 0, 0, NULL), .sub = conf_keepalive_keys},
     {KEY("shutdown_timeout", CT_DUR, C(shutdown_timeout_ms), 0, MS_H, "30s")},
     {KEY("log", CT_MAP, 0, 0, 0, NULL), .sub = conf_log_keys},
     {.name = NULL},
@@ -1082,6 +1097,14 @@ conf_defaults_keys(const struct conf_key *tab, void *base, bool all)
             break;
         }
     }
+}
+
+int64_t
+conf_max_wait_ms(const struct conf *c, enum prio p)
+{
+    int64_t ms = (unsigned)p < PRIO_COUNT ? c->queue.class_max_wait_ms[p] : 0;
+
+    return ms > 0 ? ms : c->queue.max_wait_ms;
 }
 
 struct conf *

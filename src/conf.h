@@ -66,6 +66,7 @@ struct conf {
     struct {
         int64_t max_queued; /* 0..1000000 */
         int64_t max_wait_ms;
+        int64_t class_max_wait_ms[PRIO_COUNT]; /* max_wait_by_class; 0: max_wait */
         enum prio default_priority;
         int64_t aging_ms; /* 0: no aging */
     } queue;
@@ -113,6 +114,11 @@ struct conf {
         int64_t idle_timeout_ms;
     } limits;
 
+    struct {
+        int64_t after_ms; /* 0: off */
+        int64_t every_ms;
+    } keepalive;
+
     int64_t shutdown_timeout_ms;
 
     struct {
@@ -121,6 +127,9 @@ struct conf {
         char *file; /* "" : stderr */
     } log;
 };
+
+/* How long a request of class P may wait in all (queue.max_wait_by_class, else max_wait). */
+int64_t conf_max_wait_ms(const struct conf *c, enum prio p);
 
 /*
  * Built-in defaults (design.md): listen 127.0.0.1:8080, one upstream

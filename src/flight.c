@@ -210,11 +210,14 @@ follower_start(struct request *r, int64_t clen)
 
     h[0] = (struct http_header){"Content-Type", f->ctype};
     size_t nh = 1 + reply_headers(h + 1, &ri, &rb);
+    r->follow_started = true;
+    if (r->replied) {
+        return; /* dsgate sent its own head while this one waited: the replay is the body */
+    }
     r->status = f->status;
     r->sse = f->sse;
     sse_scan_init(&r->scan, f->sse);
     http_reply_start(r->hreq, f->status, h, nh, clen);
-    r->follow_started = true;
     r->replied = true;
 }
 

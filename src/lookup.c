@@ -4,6 +4,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include <jansson.h>
+
 #include "cache.h"
 #include "gateway.h"
 #include "http.h"
@@ -80,4 +82,34 @@ lookup_prepare(struct request *r, const struct http_req *hreq, const void *doc,
                                             hreq->body_len, cred, raw) == 0) {
         cache_alias_put(gw->mem, raw, r->key); /* the same bytes again skip the parse */
     }
+}
+
+bool
+lookup_wants_stream(const void *doc, const char *body, size_t len)
+{
+    if (doc) {
+        return json_is_true(json_object_get(doc, "stream"));
+    }
+    /*
+     * Not parsed (its bytes were keyed before, or it is large): the key
+     * "stream" can only appear unescaped as a key; a nested one (a tool's
+     * schema) is followed by an object, not by true.
+     */
+    for (const char *p = body, *end = body + len;
+         p && (p = memmem(p, (size_t)(end - p), "\"stream\"", 8)); p += 8) {
+        const char *q = p + 8;
+        while (q < end && (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r')) {
+            q++;
+        }
+        if (q < end && *q == ':') {
+            q++;
+            while (q < end && (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r')) {
+                q++;
+            }
+            if ((size_t)(end - q) >= 4 && memcmp(q, "true", 4) == 0) {
+                return true;
+            }
+        }
+    }
+    return false;
 }

@@ -9,6 +9,7 @@
 #define DSGATE_LOOKUP_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 struct gateway;
@@ -25,6 +26,8 @@ int lookup_raw_key(struct gateway *gw, const struct http_req *req, uint8_t key[3
  * when found.
  */
 bool lookup_known_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
+/* Does the body ask for a stream ("stream": true at its top level)?  DOC: parsed, or NULL. */
+bool lookup_wants_stream(const void *doc, const char *body, size_t len);
 /*
  * Set R's cache fields (cacheable, lookup, store_ok, may_join, key,
  * cache_status) from HREQ; DOC: its parsed body or NULL; KNOWN_KEY: its

@@ -5,6 +5,7 @@
 #include <stdio.h>
 
 #include <stdlib.h>
+#include <string.h>
 
 #include <event2/buffer.h>
 #include <jansson.h>
@@ -82,6 +83,49 @@ send_sse_error(struct request *r, int status, const char *type, const char *code
     free(text);
 }
 
+/*
+ * After dsgate's own 200 head, before any data: the error is the body, an
+ * OpenAI-shaped object any JSON client can read.
+ */
+static void
+send_json_error(struct request *r, const char *type, const char *code, const char *message)
+{
+    json_t *j = json_pack("{s:{s:s,s:s,s:s}}", "error", "message", message, "type", type, "code",
+                          code);
+    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+
+    json_decref(j);
+    if (text) {
+        http_reply_data(r->hreq, text, strlen(text));
+        http_reply_data(r->hreq, "\n", 1);
+        free(text);
+    }
+    http_reply_end(r->hreq, false);
+    r->hreq = NULL;
+}
+
+void
+reply_early_head(struct request *r)
+{
+    struct http_header h[1 + REPLY_MAX_HEADERS];
+    struct reply_buf rb;
+    struct reply_info ri = {
+        .attempts = r->attempts,
+        .queue_ms = r->queue_us / 1000,
+        .upstream = r->attempts > 0 && r->att.up ? r->att.up->conf->name : NULL,
+        .cache = r->cacheable ? (r->store_ok ? "MISS" : "BYPASS") : NULL,
+    };
+
+    h[0] = (struct http_header){"Content-Type", r->want_sse ? "text/event-stream; charset=utf-8"
+                                                            : "application/json"};
+    size_t nh = 1 + reply_headers(h + 1, &ri, &rb);
+    r->replied = r->early = true;
+    r->sse = r->want_sse;
+    r->status = 200;
+    sse_scan_init(&r->scan, r->sse);
+    http_reply_start(r->hreq, 200, h, nh, -1);
+}
+
 void
 reply_late_error(struct request *r, int status, const char *body, size_t len)
 {
@@ -113,6 +157,8 @@ reply_late_error(struct request *r, int status, const char *body, size_t len)
         send_sse_error(r, status, type, code, msg);
         http_reply_end(r->hreq, false);
         r->hreq = NULL;
+    } else if (r->early && !r->data_sent) {
+        send_json_error(r, type, code, msg);
     } else {
         http_reply_end(r->hreq, true);
         r->hreq = NULL;
@@ -122,17 +168,23 @@ reply_late_error(struct request *r, int status, const char *body, size_t len)
 void
 reply_fail(struct request *r, int status, const char *code, const char *message, enum req_end end)
 {
+    const char *type = status == 429 ? "rate_limit_error" : "upstream_error";
+
     r->end = end;
+    if (r->early && !r->data_sent) {
+        r->status = status; /* the true status, for the log and the metrics */
+    }
     if (!r->hreq) {
         return;
     }
     if (!http_reply_started(r->hreq)) {
-        reply_error(r, status, status == 429 ? "rate_limit_error" : "upstream_error", code,
-                    message);
+        reply_error(r, status, type, code, message);
     } else if (r->sse) {
-        send_sse_error(r, 0, "upstream_error", code, message);
+        send_sse_error(r, r->early && !r->data_sent ? status : 0, type, code, message);
         http_reply_end(r->hreq, false);
         r->hreq = NULL;
+    } else if (r->early && !r->data_sent) {
+        send_json_error(r, type, code, message);
     } else {
         http_reply_end(r->hreq, true); /* an incomplete body must not look complete */
         r->hreq = NULL;
@@ -163,7 +215,9 @@ reply_cached(struct request *r, struct cache_entry *e, const char *tier)
         return;
     }
     r->bytes_out = e->body_len;
-    http_reply_start(r->hreq, 200, h, nh, (int64_t)e->body_len);
+    if (!r->replied) {
+        http_reply_start(r->hreq, 200, h, nh, (int64_t)e->body_len);
+    }
     http_reply_data_ref(r->hreq, e->body, e->body_len, entry_release, e);
     http_reply_end(r->hreq, false);
     r->hreq = NULL;
@@ -178,12 +232,14 @@ reply_auth(struct request *r, struct gw_upstream *u)
 
     h[0] = (struct http_header){"Content-Type", "application/json"};
     size_t nh = 1 + reply_headers(h + 1, &ri, &rb);
-    r->status = u->auth_status;
-    r->end = END_CIRCUIT_OPEN;
-    if (r->hreq) {
+    if (r->replied) {
+        reply_late_error(r, u->auth_status, u->auth_body, u->auth_body_len);
+    } else if (r->hreq) {
         http_reply(r->hreq, u->auth_status, h, nh, u->auth_body, u->auth_body_len);
         r->hreq = NULL;
     }
+    r->status = u->auth_status;
+    r->end = END_CIRCUIT_OPEN;
 }
 
 void
@@ -206,10 +262,14 @@ reply_unknown_model(struct request *r)
     char msg[1024];
     snprintf(msg, sizeof(msg), "The model `%s` does not exist; available models: %s", r->model,
              list);
+    if (r->replied) {
+        reply_fail(r, 404, "model_not_found", msg, END_UNKNOWN_MODEL);
+    } else {
+        http_reply_error(r->hreq, 404, "invalid_request_error", "model_not_found", msg);
+        r->hreq = NULL;
+    }
     r->status = 404;
     r->end = END_UNKNOWN_MODEL;
-    http_reply_error(r->hreq, 404, "invalid_request_error", "model_not_found", msg);
-    r->hreq = NULL;
     if (b) {
         evbuffer_free(b);
     }

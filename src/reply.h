@@ -46,6 +46,13 @@ enum req_end;
 void reply_fail(struct request *r, int status, const char *code, const char *message,
                 enum req_end end);
 /*
+ * dsgate's own 200 head (keepalive.after passed without the upstream's):
+ * text/event-stream when the request asked for a stream, else JSON;
+ * chunked.  Later failures become the body (an SSE error event or an
+ * OpenAI-shaped error object).
+ */
+void reply_early_head(struct request *r);
+/*
  * A non-200 came after the reply had started (an earlier attempt's head
  * and keep-alives): an SSE error event with STATUS and the upstream's
  * message from BODY (its error JSON, LEN bytes, may be NULL).

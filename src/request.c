@@ -86,7 +86,7 @@ set_state(struct request *r, enum req_state to)
     r->state = to;
     switch (to) {
     case REQ_QUEUED:
-        ms = r->gw->conf->queue.max_wait_ms - r->queue_us / 1000;
+        ms = conf_max_wait_ms(r->gw->conf, r->prio) - r->queue_us / 1000;
         due_now = true;
         break;
     case REQ_BACKOFF:
@@ -193,7 +193,7 @@ can_retry(struct request *r, int64_t retry_after_ms)
             delay = retry_after_ms < c->retry.cap_ms ? retry_after_ms : c->retry.cap_ms;
         }
     }
-    int64_t deadline = r->t_start_us + c->queue.max_wait_ms * 1000;
+    int64_t deadline = r->t_start_us + conf_max_wait_ms(c, r->prio) * 1000;
     if (now + delay * 1000 >= deadline) {
         return false;
     }
@@ -231,7 +231,7 @@ static bool
 closed_before_data(const struct request *r, const struct attempt_result *res)
 {
     return res->outcome == ATT_OK && res->status == 200 && !r->data_sent && r->cache_path &&
-           (r->sse || res->head_pending);
+           (r->sse || res->head_pending || r->early);
 }
 
 /* An attempt is over: count it, then retry, answer or fail, by rules[]. */
@@ -324,21 +324,30 @@ att_head(void *owner, const struct attempt_head_info *h)
         r->retry_reason = r->retry_status;
         return AH_DROP;
     }
-    if (r->replied) {
-        /* an earlier attempt already started the answer with keep-alives */
-        if (status != 200) {
-            r->late_status = status;
-            return AH_LATE;
-        }
-        return AH_CONTINUE;
+    if (r->replied && status != 200) {
+        /* the answer started (keep-alives): the error goes in the reply */
+        r->late_status = status;
+        return AH_LATE;
     }
-    r->sse = h->sse;
-    sse_scan_init(&r->scan, r->sse);
+    if (!r->replied) {
+        r->sse = h->sse;
+        sse_scan_init(&r->scan, r->sse);
+    }
     flight_head(r, status, h->ctype);
     if (!request_wanted(r)) {
         return AH_GONE; /* a leader without a client whose flight could not be shared */
     }
-    return AH_TAKE;
+    if (!r->replied) {
+        return AH_TAKE;
+    }
+    /* an earlier attempt or dsgate itself sent the head: the body continues that reply */
+    if (r->sse && r->hreq && (r->scan.mid_line || r->scan.mid_event)) {
+        /* the last attempt was cut inside a line: end it, so the next event stands alone */
+        const char *end = r->scan.mid_line ? "\n\n" : "\n";
+        sse_scan_feed(&r->scan, end, strlen(end));
+        http_reply_data(r->hreq, end, strlen(end));
+    }
+    return AH_CONTINUE;
 }
 
 static bool
@@ -533,6 +542,55 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
         return;
     default:
         return; /* no deadline in this state */
+    }
+}
+
+/* ---- dsgate's own keep-alives ------------------------------------------------------- */
+
+/*
+ * keepalive.after without a reply head (queued, backing off, held
+ * upstream): dsgate sends the 200 head itself, then a keep-alive every
+ * keepalive.every until data flows, so clients' read timeouts do not fire.
+ */
+static void
+keepalive_cb(evutil_socket_t fd, short what, void *arg)
+{
+    static const char sse_ka[] = ": keep-alive\n\n";
+    struct request *r = arg;
+    const struct conf *c = r->gw->conf;
+
+    (void)fd;
+    (void)what;
+    if (r->state == REQ_DONE || !r->hreq || r->data_sent) {
+        return;
+    }
+    if (!r->replied) {
+        reply_early_head(r);
+        attempt_head_out(&r->att); /* a head held for the first data byte will not go */
+    }
+    if (!r->sse) {
+        sse_scan_feed(&r->scan, "\n", 1);
+        http_reply_data(r->hreq, "\n", 1);
+    } else if (!r->scan.mid_line && !r->scan.mid_event) {
+        sse_scan_feed(&r->scan, sse_ka, sizeof(sse_ka) - 1);
+        http_reply_data(r->hreq, sse_ka, sizeof(sse_ka) - 1);
+    }
+    struct timeval tv = {c->keepalive.every_ms / 1000, (c->keepalive.every_ms % 1000) * 1000};
+    evtimer_add(r->ka, &tv);
+}
+
+static void
+keepalive_arm(struct request *r)
+{
+    const struct conf *c = r->gw->conf;
+
+    if (c->keepalive.after_ms <= 0 || !r->cache_path || strcmp(r->method, "POST") != 0) {
+        return; /* completion requests only: elsewhere a 200 head would be a guess */
+    }
+    r->ka = evtimer_new(r->gw->base, keepalive_cb, r);
+    if (r->ka) {
+        struct timeval tv = {c->keepalive.after_ms / 1000, (c->keepalive.after_ms % 1000) * 1000};
+        evtimer_add(r->ka, &tv);
     }
 }
 
@@ -731,6 +789,9 @@ request_unref(struct request *r)
     if (r->timer) {
         event_free(r->timer);
     }
+    if (r->ka) {
+        event_free(r->ka);
+    }
     client_headers_free(&r->ch);
     free(r->body);
     free(r->path);
@@ -766,6 +827,9 @@ request_end(struct request *r)
         r->fwait = NULL;
     }
     set_state(r, REQ_DONE);
+    if (r->ka) {
+        evtimer_del(r->ka);
+    }
     flight_leave(r, r->status == 200 && r->end == END_COMPLETED);
     if (attempt_running(&r->att)) {
         attempt_cancel(&r->att);
@@ -889,7 +953,9 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
         request_end(r);
         return;
     }
+    r->want_sse = cache_path && lookup_wants_stream(doc, hreq->body, hreq->body_len);
     r->body = http_req_take_body(hreq, &r->body_len);
+    keepalive_arm(r);
     const json_t *model = doc ? json_object_get(doc, "model") : NULL;
     if (json_is_string(model)) {
         r->model = strdup(json_string_value(model));

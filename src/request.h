@@ -73,6 +73,9 @@ struct request {
     struct client_headers ch; /* what of the client's headers goes upstream */
 
     /* the reply */
+    struct event *ka; /* keepalive.after, then .every: dsgate's own head and keep-alives */
+    bool want_sse;    /* the body asks for a stream ("stream": true) */
+    bool early;       /* dsgate sent the 200 head itself, before the upstream's */
     int status;
     bool sse;
     bool replied;   /* a reply head went to the client or the flight */

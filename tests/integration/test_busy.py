@@ -563,7 +563,9 @@ def t_retry_after_http_date_and_cap():
     s = scripted([(503, [("Retry-After", when)], err_body(503, "busy")),
                   (503, [("Retry-After", "3600")], err_body(503, "busy")),
                   (200, [], OK_BODY)])
-    d = dsgate(s.url, "ra-date", attempts=3, base="10ms", cap="1500ms")
+    # keepalive off: X-Dsgate-Attempts is read from the head, which must be the upstream's
+    d = dsgate(s.url, "ra-date", attempts=3, base="10ms", cap="1500ms",
+               extra="keepalive: {after: 0s}")
     r = H.request(d.port, "POST", CHAT, body=chat_body("x"), timeout=15.0)
     check(r.status == 200, "status %s %r", r.status, r.body[:200])
     check(r.header("x-dsgate-attempts") == "3", "X-Dsgate-Attempts %r",

@@ -2032,7 +2032,10 @@ def t_sigterm_50_streams():
     that cannot get a clear 503 JSON at the deadline; exit 0.  (A second
     SIGTERM exiting at once is in test_ops.)"""
     f = fake(name="term")
-    d = dsgate("term", ups=[upstream_yaml("fake", f.url, max_inflight=50)], shutdown="4s")
+    # keepalive off: the queued ones must show the 503 status itself, not a
+    # 200 head dsgate sent while they waited (test_deepseek_busy covers that)
+    d = dsgate("term", ups=[upstream_yaml("fake", f.url, max_inflight=50)], shutdown="4s",
+               extra="keepalive: {after: 0s}")
     streams = []
     ths = []
     for k in range(50):

@@ -89,7 +89,7 @@ def upstream(name, url, weight=1, max_inflight=64, models=None):
 
 
 def config(port, ups, routing="failover", attempts=5, base="20ms", cap="2s", jitter="full",
-           budget=0.5, max_wait="20s", cache_paths=None):
+           budget=0.5, max_wait="20s", cache_paths=None, extra=""):
     lines = [
         "# written by tests/integration/test_upstreams.py",
         "listen: 127.0.0.1:%d" % port,
@@ -127,6 +127,8 @@ def config(port, ups, routing="failover", attempts=5, base="20ms", cap="2s", jit
         "shutdown_timeout: 3s",
         "log: {level: info, format: json}",
     ]
+    if extra:
+        lines.append(extra.rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 
@@ -585,8 +587,10 @@ def t_no_head_of_line_blocking():
     wait behind a queued request for a's model while a is full."""
     a = fake(name="a")
     b = fake(name="b")
+    # keepalive off: X-Dsgate-Upstream is read from the head, which must be the upstream's
     d = dsgate([upstream("a", a.url, max_inflight=1, models={"deepseek-v4-pro": "deepseek-v4-pro"}),
-                upstream("b", b.url, models={"deepseek-chat": "deepseek-chat"})], "hol")
+                upstream("b", b.url, models={"deepseek-chat": "deepseek-chat"})], "hol",
+               extra="keepalive: {after: 0s}")
     out = {}
 
     def send(key, model, delay_ms):
@@ -725,8 +729,10 @@ def t_retry_moves_without_backoff():
     once; backoff only when every candidate failed."""
     bad = fake("--status", "503", name="bad")
     good = fake(name="good")
+    # keepalive off: the statuses and headers read here must be the upstream's
     d = dsgate([upstream("bad", bad.url), upstream("good", good.url)], "move",
-               base="2s", cap="4s", jitter="none", attempts=3, max_wait="30s")
+               base="2s", cap="4s", jitter="none", attempts=3, max_wait="30s",
+               extra="keepalive: {after: 0s}")
     for i in range(3):
         t0 = time.monotonic()
         r = post(d.port, chat_body("move %d" % i))
