@@ -346,6 +346,10 @@ pass(struct attempt *a, const char *data, size_t len)
         a->ws_dropped += ws;
         data += ws;
         len -= ws;
+        if (ws > 0 && !a->held_told) {
+            a->held_told = true;
+            a->ops->held(a->owner);
+        }
         if (len == 0) {
             return UP_CONTINUE;
         }
@@ -604,7 +608,7 @@ attempt_start(struct attempt *a, struct upstream_ctx *ctx, struct gw_upstream *u
     a->ops = ops;
     a->owner = owner;
     a->status = 0;
-    a->dropping = a->late = a->paused = a->auth_failed = false;
+    a->dropping = a->late = a->paused = a->auth_failed = a->held_told = false;
     a->tail_len = 0;
     if (a->errbody) {
         evbuffer_drain(a->errbody, evbuffer_get_length(a->errbody));

@@ -76,6 +76,8 @@ struct attempt_head_info {
 
 struct attempt_ops {
     enum attempt_head (*head)(void *owner, const struct attempt_head_info *h);
+    /* Keep-alive white space came before the first data byte (once per attempt). */
+    void (*held)(void *owner);
     /* True when the receiver is full: the transfer pauses until attempt_resume(). */
     bool (*blocked)(void *owner);
     /* The reply head: HDRS has room for REPLY headers more after N; CLEN -1: unknown. */
@@ -131,6 +133,7 @@ struct attempt {
     int64_t dhead_clen;
     size_t ws_dropped;
     bool head_deferred;
+    bool held_told; /* ops.held ran for this attempt */
     /* the body with the model renamed for this upstream, and the way back */
     char *send_body;
     size_t send_len;

@@ -9,6 +9,7 @@
 
 #include "dispatch.h"
 #include "fleet.h"
+#include "flight.h"
 #include "gateway.h"
 #include "http.h"
 #include "log.h"
@@ -276,11 +277,50 @@ dispatch_leave(struct request *r)
     metrics_observe("dsgate_queue_wait_seconds", NULL, (double)waited / 1e6);
 }
 
+/*
+ * Held attempts of a lower class than HEAD on an upstream HEAD could use:
+ * they only wait in the upstream's own queue, where HEAD would queue
+ * behind them.  Taken back, they wait in ours instead.  True if any.
+ */
+static bool
+shed_for(struct gateway *gw, struct request *head, enum prio p)
+{
+    int64_t now = http_now_us();
+    bool any = false;
+
+    for (struct request *v = gw->live, *next; v; v = next) {
+        struct gw_upstream *u = v->att.up;
+        next = v->lnext;
+        if (v->state != REQ_ATTEMPT || !v->held || v->data_sent || v->prio <= p ||
+            flight_has_followers(v) || !eligible(head, u) || !circuit_usable(&u->circuit, now)) {
+            continue;
+        }
+        gw->dispatch_ops->shed(v);
+        any = true;
+    }
+    return any;
+}
+
+static void
+shed_held(struct gateway *gw, int64_t now)
+{
+    struct sched_item *heads[SCHED_GROUPS];
+    size_t n = sched_set_heads(&gw->queue, now, gw->conf->queue.aging_ms * 1000, heads);
+
+    for (size_t i = 0; i < n && gw->held > 0; i++) {
+        enum prio p = sched_effective(heads[i], now, gw->conf->queue.aging_ms * 1000);
+        shed_for(gw, (struct request *)heads[i], p);
+    }
+}
+
 void
 dispatch_pump(struct gateway *gw)
 {
     int64_t now = http_now_us();
 
+    if (gw->held > 0 && gw->queue.total > 0) {
+        shed_held(gw, now); /* their slots go to the waiting higher classes below */
+    }
     for (;;) {
         struct sched_item *heads[SCHED_GROUPS];
         size_t n = sched_set_heads(&gw->queue, now, gw->conf->queue.aging_ms * 1000, heads);
@@ -324,8 +364,52 @@ dispatch_acquire(struct request *r, struct gw_upstream *up)
 }
 
 void
+dispatch_held(struct request *r)
+{
+    if (r->held) {
+        return;
+    }
+    r->held = true;
+    r->gw->held++;
+    dispatch_limit(r, true); /* the upstream queues it: as good as a 503 */
+    if (r->gw->queue.total > 0 && r->gw->later) {
+        /* from the loop: this runs inside a transfer's callback, where no transfer may be cancelled */
+        r->gw->pump_wanted = true;
+        event_active(r->gw->later, EV_TIMEOUT, 0);
+    }
+}
+
+static void
+unheld(struct request *r)
+{
+    if (r->held) {
+        r->held = false;
+        r->gw->held--;
+    }
+}
+
+void
+dispatch_first_data(struct request *r, int64_t first_data_us)
+{
+    struct gw_upstream *u = r->att.up;
+    bool was_held = r->held;
+
+    unheld(r);
+    if (r->limit_fed) {
+        return;
+    }
+    r->limit_fed = true;
+    /* a stream's first data byte is its first token; a non-stream one is the whole answer */
+    bool queued = r->sse && !was_held && sched_limit_sample(&u->limit, first_data_us);
+    if (!was_held) {
+        dispatch_limit(r, queued);
+    }
+}
+
+void
 dispatch_release(struct request *r)
 {
+    unheld(r);
     if (r->slot_held) {
         r->slot_held = false;
         sched_limit_release(&r->att.up->limit);
@@ -340,6 +424,8 @@ void
 dispatch_limit(struct request *r, bool overload)
 {
     struct gw_upstream *u = r->att.up;
+
+    r->limit_fed = true;
     bool cut = sched_limit_feedback(&u->limit, overload, http_now_us());
 
     if (u->fleet && (cut || !overload)) {
@@ -415,6 +501,10 @@ dispatch_update_gauges(struct gateway *gw)
         metrics_setf("dsgate_concurrency_limit", sched_limit_current(&u->limit), "upstream=\"%s\"",
                      u->conf->name);
         metrics_setf("dsgate_circuit_open", u->circuit.state == CIRCUIT_OPEN ? 1 : 0,
+                     "upstream=\"%s\"", u->conf->name);
+        metrics_setf("dsgate_first_data_baseline_seconds", u->limit.baseline_us / 1e6,
+                     "upstream=\"%s\"", u->conf->name);
+        metrics_setf("dsgate_first_data_sample_seconds", (double)u->limit.sample_us / 1e6,
                      "upstream=\"%s\"", u->conf->name);
     }
 }

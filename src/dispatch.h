@@ -36,6 +36,12 @@ struct dispatch_ops {
      * upstream shut by auth (U: whose answer), or none reachable.
      */
     void (*refuse)(struct request *r, enum dispatch_refusal why, struct gw_upstream *u);
+    /*
+     * A running attempt that the upstream holds (keep-alives, no data) is
+     * taken back so that a higher class waiting for its upstream goes
+     * first: cancel it and wait in the queue again (transparently).
+     */
+    void (*shed)(struct request *r);
 };
 
 enum dispatch_result {
@@ -78,6 +84,13 @@ void dispatch_release(struct request *r);
 /* What the breaker and the adaptive limit of the attempt's upstream hear. */
 void dispatch_circuit(struct request *r, enum route_outcome o, const char *reason);
 void dispatch_limit(struct request *r, bool overload);
+/*
+ * The attempt is held by its upstream (keep-alives before data): an
+ * overload signal for the limit, and higher classes may displace it.
+ */
+void dispatch_held(struct request *r);
+/* The attempt's first data byte, FIRST_DATA_US after it started: a success for the limit. */
+void dispatch_first_data(struct request *r, int64_t first_data_us);
 /* dsgate_upstream_attempts_total{upstream,outcome}. */
 void dispatch_count(struct request *r, const char *outcome);
 

@@ -103,6 +103,8 @@ struct gateway {
     struct request *pending; /* to be dispatched again by the loop (REQ_PENDING) */
     struct request *reap;    /* ended, to be freed by the loop (REQ_DONE) */
     struct event *later;     /* runs the two lists above */
+    size_t held;             /* running attempts their upstream holds (dispatch.c) */
+    bool pump_wanted;        /* dispatch_pump from the loop (later) */
     bool draining;
 };
 

@@ -268,6 +268,10 @@ metrics_init(void)
     metrics_register("dsgate_inflight", METRIC_GAUGE, "Transfers in flight, by upstream.");
     metrics_register("dsgate_concurrency_limit", METRIC_GAUGE,
                      "Current (adaptive) concurrency limit, by upstream.");
+    metrics_register("dsgate_first_data_baseline_seconds", METRIC_GAUGE,
+                     "Baseline time to the first data byte of streams, by upstream.");
+    metrics_register("dsgate_first_data_sample_seconds", METRIC_GAUGE,
+                     "Latest time to the first data byte of a stream, by upstream.");
     metrics_register("dsgate_cache_hits_total", METRIC_COUNTER, "Cache hits, by tier.");
     metrics_register("dsgate_cache_misses_total", METRIC_COUNTER, "Cache misses.");
     metrics_register("dsgate_cache_stores_total", METRIC_COUNTER, "Responses stored, by tier.");

@@ -179,7 +179,7 @@ can_retry(struct request *r, int64_t retry_after_ms)
     const struct conf *c = r->gw->conf;
     int64_t now = http_now_us();
 
-    if (r->data_sent || !request_wanted(r) || r->attempts >= c->retry.max_attempts ||
+    if (r->data_sent || !request_wanted(r) || r->attempts - r->shed >= c->retry.max_attempts ||
         r->gw->draining) {
         return false;
     }
@@ -249,6 +249,9 @@ attempt_over(struct request *r, const struct attempt_result *in)
 
     assert(r->state == REQ_ATTEMPT || r->state == REQ_STREAMING);
     dispatch_release(r);
+    if (!r->limit_fed && res->outcome == ATT_OK) {
+        dispatch_limit(r, false); /* a whole answer without a data byte (empty, or not 200) */
+    }
     dispatch_count(r, attempt_outcome_label(res->outcome, status));
     if (rule->circuit_reason) {
         dispatch_circuit(r, rule->circuit, rule->circuit_reason);
@@ -309,7 +312,9 @@ att_head(void *owner, const struct attempt_head_info *h)
     if (!request_wanted(r)) {
         return AH_GONE;
     }
-    dispatch_limit(r, status == 429 || status == 503 || status == 504);
+    if (status != 200) {
+        dispatch_limit(r, status == 429 || status == 503 || status == 504);
+    } /* a 200 is judged at its first data byte (dispatch_first_data) */
     r->status = status;
     enum route_outcome oc = route_classify_status(status);
     snprintf(reason, sizeof(reason), "%d", status);
@@ -350,6 +355,16 @@ att_head(void *owner, const struct attempt_head_info *h)
     return AH_CONTINUE;
 }
 
+static void
+att_held(void *owner)
+{
+    struct request *r = owner;
+
+    if (!r->data_sent) {
+        dispatch_held(r);
+    }
+}
+
 static bool
 att_blocked(void *owner)
 {
@@ -386,11 +401,17 @@ att_data(void *owner, const char *p, size_t len)
         return UP_ABORT;
     }
     if (sse_scan_feed(&r->scan, p, len)) {
+        int64_t now = http_now_us();
         if (r->t_first_data_us == 0) {
-            r->t_first_data_us = http_now_us();
+            r->t_first_data_us = now;
+        }
+        if (r->state == REQ_ATTEMPT) {
+            dispatch_first_data(r, now - r->t_up_start_us);
         }
         r->data_sent = true;
         set_state(r, REQ_STREAMING); /* the idle deadline from now */
+    } else if (!r->data_sent && r->sse) {
+        dispatch_held(r); /* keep-alive comments before data: the upstream queues it */
     }
     if (r->flight) {
         flight_append(r, p, len);
@@ -411,7 +432,8 @@ att_done(void *owner, const struct attempt_result *res)
     attempt_over(owner, res);
 }
 
-static const struct attempt_ops att_ops = {att_head, att_blocked, att_start, att_data, att_done};
+static const struct attempt_ops att_ops = {att_head,  att_held, att_blocked,
+                                           att_start, att_data, att_done};
 
 /* ---- on the way upstream --------------------------------------------------------- */
 
@@ -436,6 +458,7 @@ start_attempt(struct request *r, struct gw_upstream *up)
     }
     r->attempts++;
     r->t_up_start_us = now;
+    r->limit_fed = false;
     if (attempt_start(&r->att, gw->up, up, &spec, &att_ops, r) < 0) {
         reply_fail(r, 502, "upstream_unreachable", "cannot start upstream transfer", END_INTERNAL);
         request_end(r);
@@ -618,7 +641,28 @@ on_dispatch_refuse(struct request *r, enum dispatch_refusal why, struct gw_upstr
     request_end(r);
 }
 
-static const struct dispatch_ops dispatch_ops = {on_dispatch_start, on_dispatch_refuse};
+/* Taken back while its upstream holds it: wait in our queue, by class, instead. */
+static void
+on_dispatch_shed(struct request *r)
+{
+    struct gw_upstream *up;
+
+    assert(r->state == REQ_ATTEMPT);
+    attempt_cancel(&r->att);
+    dispatch_count(r, "shed");
+    dispatch_circuit(r, ROUTE_NEUTRAL, "");
+    dispatch_release(r);
+    r->shed++;
+    r->status = 0;
+    if (dispatch_requeue(r, &up) == DISPATCH_GO) {
+        start_attempt(r, up);
+    } else {
+        set_state(r, REQ_QUEUED);
+    }
+}
+
+static const struct dispatch_ops dispatch_ops = {on_dispatch_start, on_dispatch_refuse,
+                                                 on_dispatch_shed};
 
 static void
 on_follower_end(struct request *r, bool ok)
@@ -857,7 +901,10 @@ request_end(struct request *r)
     event_active(gw->later, EV_TIMEOUT, 0);
 }
 
-/* Requests let go by a flight are dispatched, then ended ones are freed. */
+/*
+ * From the loop: requests let go by a flight are dispatched, a pump asked
+ * for inside a transfer's callback runs, then ended requests are freed.
+ */
 static void
 later_cb(evutil_socket_t fd, short what, void *arg)
 {

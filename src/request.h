@@ -88,6 +88,9 @@ struct request {
     /* attempts and retries */
     struct attempt att;
     bool slot_held;  /* dispatch: a slot of att.up */
+    bool held;       /* dispatch: the upstream holds this attempt (keep-alives, no data) */
+    bool limit_fed;  /* dispatch: the adaptive limit heard this attempt */
+    int shed;        /* attempts taken back for a higher class (not counted against max_attempts) */
     char *lease;     /* dispatch: fleet lease held by the current attempt */
     uint64_t tried;  /* upstreams tried since the last backoff (bits) */
     int attempts;

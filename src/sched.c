@@ -194,6 +194,9 @@ sched_limit_init(struct sched_limit *l, int max_inflight, bool adaptive)
     l->inflight = 0;
     l->win_start_us = 0;
     l->win_n = l->win_over = 0;
+    l->baseline_us = 0;
+    l->sample_us = 0;
+    l->nsamples = 0;
 }
 
 void
@@ -261,6 +264,25 @@ sched_limit_feedback(struct sched_limit *l, bool overload, int64_t now_us)
     }
     l->win_n = l->win_over = 0;
     return cut;
+}
+
+bool
+sched_limit_sample(struct sched_limit *l, int64_t first_data_us)
+{
+    double x = (double)first_data_us;
+
+    l->sample_us = first_data_us;
+    if (l->nsamples < 8) {
+        /* learn the baseline from the first few samples, their mean */
+        l->nsamples++;
+        l->baseline_us += (x - l->baseline_us) / l->nsamples;
+        return false;
+    }
+    bool queued = x > l->baseline_us * SCHED_QUEUED_RATIO &&
+                  x > l->baseline_us + SCHED_QUEUED_MARGIN_MS * 1000.0;
+    /* slowly refreshed: queued samples move it only a little, so a model that became slower is learnt */
+    l->baseline_us += (x - l->baseline_us) / (queued ? 512.0 : 32.0);
+    return queued;
 }
 
 int

@@ -15,6 +15,17 @@
  * limit is cut by SCHED_DECREASE_FACTOR, never below 1.  An upstream that
  * is over its capacity fails a growing share of requests; one that fails a
  * steady small share at random does not shrink the limit for nothing.
+ *
+ * An upstream that holds requests instead of failing them (DeepSeek: 200,
+ * then keep-alives while the request waits in its own queue) is judged by
+ * two more overload signals: keep-alives before the first data byte (the
+ * caller reports them as overload), and a time to first data well above a
+ * slowly refreshed baseline (sched_limit_sample; the gradient idea of
+ * Gradient2/Vegas): a sample over SCHED_QUEUED_RATIO x the baseline and
+ * SCHED_QUEUED_MARGIN_MS above it counts as overload and does not teach
+ * the baseline.  The caller gives samples of streams only, where the first
+ * data byte is the first token, not the whole answer, so slow (reasoning,
+ * long) answers do not shrink the limit.
  */
 #ifndef DSGATE_SCHED_H
 #define DSGATE_SCHED_H
@@ -30,6 +41,8 @@
 #define SCHED_WINDOW_MS        1000
 #define SCHED_MIN_SAMPLES      4
 #define SCHED_OVERLOAD_PERCENT 30
+#define SCHED_QUEUED_RATIO     2.0
+#define SCHED_QUEUED_MARGIN_MS 500
 
 struct sched_item {
     struct sched_item *prev, *next;
@@ -90,6 +103,10 @@ struct sched_limit {
     int64_t win_start_us; /* the current window of outcomes */
     uint32_t win_n;
     uint32_t win_over;
+    /* time to first data of streams: baseline and the latest sample, in us */
+    double baseline_us;
+    int64_t sample_us;
+    uint32_t nsamples;
 };
 
 void sched_limit_init(struct sched_limit *l, int max_inflight, bool adaptive);
@@ -105,5 +122,11 @@ void sched_limit_release(struct sched_limit *l);
  */
 bool sched_limit_feedback(struct sched_limit *l, bool overload, int64_t now_us);
 int sched_limit_current(const struct sched_limit *l);
+/*
+ * A successful stream's time to its first data byte.  Returns true when
+ * it counts as overload (the upstream queued it); the caller then feeds
+ * that to sched_limit_feedback().  Always recorded (baseline, latest).
+ */
+bool sched_limit_sample(struct sched_limit *l, int64_t first_data_us);
 
 #endif

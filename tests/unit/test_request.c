@@ -308,7 +308,7 @@ struct fx {
 };
 
 /* What the fake ops were told, in order. */
-enum call_kind { C_START, C_REFUSE, C_FOLLOWER_END, C_FOLLOWER_FREE, C_GO, C_HIT };
+enum call_kind { C_START, C_REFUSE, C_SHED, C_FOLLOWER_END, C_FOLLOWER_FREE, C_GO, C_HIT };
 
 struct call {
     enum call_kind kind;
@@ -346,7 +346,19 @@ fake_refuse(struct request *r, enum dispatch_refusal why, struct gw_upstream *u)
     record(C_REFUSE, r, u, why, false);
 }
 
-static const struct dispatch_ops fake_dispatch_ops = {fake_start, fake_refuse};
+/* Like request.c's on_dispatch_shed: the attempt ends and the request waits again. */
+static void
+fake_shed(struct request *r)
+{
+    struct gw_upstream *up = NULL;
+
+    record(C_SHED, r, r->att.up, REFUSE_DISPLACED, false);
+    dispatch_release(r);
+    r->state = REQ_QUEUED;
+    assert_int_equal(dispatch_requeue(r, &up), DISPATCH_QUEUED);
+}
+
+static const struct dispatch_ops fake_dispatch_ops = {fake_start, fake_refuse, fake_shed};
 
 static void
 fake_follower_end(struct request *r, bool ok)
@@ -1136,6 +1148,84 @@ test_submit_skips_open_circuit(void **state)
     assert_true(dispatch_unreachable(f->reqs[1]) < 0);
 }
 
+/*
+ * A held attempt (keep-alives, no data) of a lower class is taken back when
+ * a higher class waits for its upstream; the same class, or one with data,
+ * is not.  The held signal is an overload sample for the limit.
+ */
+static void
+test_shed_held_for_higher_class(void **state)
+{
+    static const struct gw_spec spec = {.nups = 1, .ups = {{"a", 3, 1, {NULL}}}, .max_queued = 5};
+    struct fx *f = *state;
+    struct gw_upstream *up;
+
+    fx_build(f, &spec);
+    struct request *lo = req_new(f, L, NULL), *lo2 = req_new(f, L, NULL),
+                   *med = req_new(f, M, NULL);
+    struct request *run[3] = {lo, lo2, med};
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(submit(run[i], &up), DISPATCH_GO);
+        run[i]->state = REQ_ATTEMPT;
+        run[i]->lnext = f->gw.live; /* the live list, as request.c keeps it */
+        f->gw.live = run[i];
+    }
+    dispatch_held(lo);
+    dispatch_held(med);
+    lo2->data_sent = true; /* data flows: never taken back */
+    assert_int_equal(f->gw.held, 2);
+    assert_true(lo->held && lo->limit_fed);
+    /* a medium waits: nothing lower than medium is held but lo */
+    struct request *m2 = req_new(f, M, NULL);
+    assert_int_equal(submit(m2, &up), DISPATCH_QUEUED);
+    ncalls = 0;
+    dispatch_pump(&f->gw);
+    assert_int_equal(ncalls, 2);
+    assert_int_equal(calls[0].kind, C_SHED);
+    assert_ptr_equal(calls[0].r, lo);
+    assert_int_equal(calls[1].kind, C_START);
+    assert_ptr_equal(calls[1].r, m2); /* lo's slot, not lo */
+    assert_int_equal(f->gw.held, 1);
+    assert_true(lo->item.queued);
+    /* a low waiting sheds nothing (med is higher, lo2 has data) */
+    dispatch_leave(lo);
+    lo->state = REQ_NEW;
+    struct request *lo3 = req_new(f, L, NULL);
+    assert_int_equal(submit(lo3, &up), DISPATCH_QUEUED);
+    ncalls = 0;
+    dispatch_pump(&f->gw);
+    assert_int_equal(ncalls, 0);
+    /* the first data byte of a held attempt ends its hold, and it was fed once */
+    dispatch_first_data(med, 1000);
+    assert_int_equal(f->gw.held, 0);
+    assert_false(med->held);
+    f->gw.live = NULL;
+}
+
+/* A stream's time to first data: a baseline learnt, a queued sample told apart. */
+static void
+test_first_data_baseline(void **state)
+{
+    struct sched_limit l;
+
+    (void)state;
+    sched_limit_init(&l, 64, true);
+    for (int i = 0; i < 8; i++) {
+        assert_false(sched_limit_sample(&l, 200000 + i * 1000)); /* ~200 ms */
+    }
+    assert_true(l.baseline_us > 190000 && l.baseline_us < 215000);
+    assert_false(sched_limit_sample(&l, 300000)); /* slower, not queued */
+    assert_false(sched_limit_sample(&l, 600000)); /* 3x but within the margin */
+    assert_true(sched_limit_sample(&l, 5000000)); /* 5 s: queued upstream */
+    assert_int_equal(l.sample_us, 5000000);
+    assert_true(l.baseline_us < 230000 + 10000); /* a queued sample barely moves it */
+    /* a model that became slower for good is learnt, slowly */
+    for (int i = 0; i < 2000; i++) {
+        sched_limit_sample(&l, 3000000);
+    }
+    assert_false(sched_limit_sample(&l, 3000000));
+}
+
 /* Every circuit open on connect errors: nothing can be reached; say when to come back. */
 static void
 test_unreachable(void **state)
@@ -1651,6 +1741,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_auth_blocked, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_pump_refuses_auth_blocked, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_unreachable, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_shed_held_for_higher_class, fx_setup, fx_teardown),
+        cmocka_unit_test(test_first_data_baseline),
         cmocka_unit_test_setup_teardown(test_submit_skips_open_circuit, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_alternative, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_requeue_prefers_untried, fx_setup, fx_teardown),
