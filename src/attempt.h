@@ -142,6 +142,11 @@ struct attempt {
     /* a 401/402/403 answer, kept for replay while the circuit is open */
     bool auth_failed;
     struct evbuffer *errbody;
+    /* the owner's bookkeeping (dispatch.c): its slot, fleet lease, limit feedback */
+    bool slot_held;
+    char *lease;
+    bool held;      /* the upstream holds it (keep-alives, no data) */
+    bool limit_fed; /* the adaptive limit heard it */
     /* token accounting from the answer's "usage" */
     char *tail;
     size_t tail_len;

@@ -146,7 +146,7 @@ dispatch_alternative(struct request *r)
 {
     size_t c[ROUTE_MAX_UPSTREAMS];
 
-    r->tried |= (uint64_t)1 << r->att.up->idx;
+    r->tried |= (uint64_t)1 << r->att->up->idx;
     /* one that is full now would send the retry back to the one that failed it */
     return candidates(r, C_USABLE | C_UNTRIED | C_SLOT | C_LEASE, c) > 0;
 }
@@ -289,9 +289,9 @@ shed_for(struct gateway *gw, struct request *head, enum prio p)
     bool any = false;
 
     for (struct request *v = gw->live, *next; v; v = next) {
-        struct gw_upstream *u = v->att.up;
+        struct gw_upstream *u = v->att->up;
         next = v->lnext;
-        if (v->state != REQ_ATTEMPT || !v->held || v->data_sent || v->prio <= p ||
+        if (v->state != REQ_ATTEMPT || !v->att->held || v->data_sent || v->prio <= p ||
             flight_has_followers(v) || !eligible(head, u) || !circuit_usable(&u->circuit, now)) {
             continue;
         }
@@ -357,19 +357,19 @@ dispatch_acquire(struct request *r, struct gw_upstream *up)
 {
     sched_limit_acquire(&up->limit);
     if (fleet_active(r->gw->fleet) && up->fleet) {
-        r->lease = fleet_take(up->fleet);
+        r->att->lease = fleet_take(up->fleet);
     }
     circuit_on_send(&up->circuit);
-    r->slot_held = true;
+    r->att->slot_held = true;
 }
 
 void
 dispatch_held(struct request *r)
 {
-    if (r->held) {
+    if (r->att->held) {
         return;
     }
-    r->held = true;
+    r->att->held = true;
     r->gw->held++;
     dispatch_limit(r, true); /* the upstream queues it: as good as a 503 */
     if (r->gw->queue.total > 0 && r->gw->later) {
@@ -382,8 +382,8 @@ dispatch_held(struct request *r)
 static void
 unheld(struct request *r)
 {
-    if (r->held) {
-        r->held = false;
+    if (r->att->held) {
+        r->att->held = false;
         r->gw->held--;
     }
 }
@@ -391,14 +391,14 @@ unheld(struct request *r)
 void
 dispatch_first_data(struct request *r, int64_t first_data_us)
 {
-    struct gw_upstream *u = r->att.up;
-    bool was_held = r->held;
+    struct gw_upstream *u = r->att->up;
+    bool was_held = r->att->held;
 
     unheld(r);
-    if (r->limit_fed) {
+    if (r->att->limit_fed) {
         return;
     }
-    r->limit_fed = true;
+    r->att->limit_fed = true;
     /* a stream's first data byte is its first token; a non-stream one is the whole answer */
     bool queued = r->sse && !was_held && sched_limit_sample(&u->limit, first_data_us);
     if (!was_held) {
@@ -410,22 +410,22 @@ void
 dispatch_release(struct request *r)
 {
     unheld(r);
-    if (r->slot_held) {
-        r->slot_held = false;
-        sched_limit_release(&r->att.up->limit);
+    if (r->att->slot_held) {
+        r->att->slot_held = false;
+        sched_limit_release(&r->att->up->limit);
     }
-    if (r->lease) {
-        fleet_release(r->gw->fleet, r->att.up->fleet, r->lease);
-        r->lease = NULL;
+    if (r->att->lease) {
+        fleet_release(r->gw->fleet, r->att->up->fleet, r->att->lease);
+        r->att->lease = NULL;
     }
 }
 
 void
 dispatch_limit(struct request *r, bool overload)
 {
-    struct gw_upstream *u = r->att.up;
+    struct gw_upstream *u = r->att->up;
 
-    r->limit_fed = true;
+    r->att->limit_fed = true;
     bool cut = sched_limit_feedback(&u->limit, overload, http_now_us());
 
     if (u->fleet && (cut || !overload)) {
@@ -437,7 +437,7 @@ dispatch_limit(struct request *r, bool overload)
 void
 dispatch_circuit(struct request *r, enum route_outcome o, const char *reason)
 {
-    struct gw_upstream *u = r->att.up;
+    struct gw_upstream *u = r->att->up;
     int64_t now = http_now_us();
 
     if (!circuit_on_result(&u->circuit, o, reason, now)) {
@@ -466,7 +466,7 @@ dispatch_circuit(struct request *r, enum route_outcome o, const char *reason)
 void
 dispatch_count(struct request *r, const char *outcome)
 {
-    struct gw_upstream *u = r->att.up;
+    struct gw_upstream *u = r->att->up;
 
     for (size_t i = 0; i < u->n_m_attempts; i++) {
         if (strcmp(u->m_attempts[i].outcome, outcome) == 0) {

@@ -440,7 +440,7 @@ flight_head(struct request *r, int status, const char *ctype)
     f->head_known = true;
     f->status = status;
     f->sse = r->sse;
-    snprintf(f->upstream, sizeof(f->upstream), "%s", r->att.up->conf->name);
+    snprintf(f->upstream, sizeof(f->upstream), "%s", r->att->up->conf->name);
     feed_all(f);
 }
 

@@ -47,7 +47,7 @@ reply_error(struct request *r, int status, const char *type, const char *code, c
     struct reply_info ri = {
         .attempts = r->attempts,
         .queue_ms = r->queue_us / 1000,
-        .upstream = r->attempts > 0 && r->att.up ? r->att.up->conf->name : NULL,
+        .upstream = r->attempts > 0 && r->att->up ? r->att->up->conf->name : NULL,
     };
     size_t nh = reply_headers(h, &ri, &rb);
 
@@ -113,7 +113,7 @@ reply_early_head(struct request *r)
     struct reply_info ri = {
         .attempts = r->attempts,
         .queue_ms = (r->queue_us + queued_us) / 1000,
-        .upstream = r->attempts > 0 && r->att.up ? r->att.up->conf->name : NULL,
+        .upstream = r->attempts > 0 && r->att->up ? r->att->up->conf->name : NULL,
         .cache = r->cacheable ? (r->store_ok ? "MISS" : "BYPASS") : NULL,
     };
 

@@ -75,7 +75,7 @@ static void route(struct request *r);
 static void
 set_state(struct request *r, enum req_state to)
 {
-    const struct conf_upstream *uc = r->att.up ? r->att.up->conf : NULL;
+    const struct conf_upstream *uc = r->att->up ? r->att->up->conf : NULL;
     int64_t ms = 0;
     bool due_now = false; /* a deadline already passed runs from the loop */
 
@@ -210,9 +210,9 @@ static void
 schedule_retry(struct request *r, const char *reason)
 {
     metrics_addf("dsgate_retries_total", 1, "upstream=\"%s\",reason=\"%s\"",
-                 r->att.up->conf->name, reason);
+                 r->att->up->conf->name, reason);
     log_msg(LOG_DEBUG, "req=%llu up=%s: retry %d in %lld ms (%s)", (unsigned long long)r->id,
-            r->att.up->conf->name, r->attempts, (long long)r->next_delay_ms, reason);
+            r->att->up->conf->name, r->attempts, (long long)r->next_delay_ms, reason);
     if (!r->moving) {
         /* every candidate failed: back off, then all may be tried again */
         r->prev_delay_ms = r->next_delay_ms;
@@ -249,7 +249,7 @@ attempt_over(struct request *r, const struct attempt_result *in)
 
     assert(r->state == REQ_ATTEMPT || r->state == REQ_STREAMING);
     dispatch_release(r);
-    if (!r->limit_fed && res->outcome == ATT_OK) {
+    if (!r->att->limit_fed && res->outcome == ATT_OK) {
         dispatch_limit(r, false); /* a whole answer without a data byte (empty, or not 200) */
     }
     dispatch_count(r, attempt_outcome_label(res->outcome, status));
@@ -261,7 +261,7 @@ attempt_over(struct request *r, const struct attempt_result *in)
     }
     if (rule->circuit == ROUTE_FAILURE && res->detail) {
         log_msg(LOG_WARN, "req=%llu up=%s: upstream %s: %s", (unsigned long long)r->id,
-                r->att.up->conf->name, rule->circuit_reason, res->detail);
+                r->att->up->conf->name, rule->circuit_reason, res->detail);
     }
     if (res->outcome == ATT_DROPPED ||
         (request_outcome_retryable(gw->conf, res->outcome, r->data_sent) && can_retry(r, 0))) {
@@ -273,7 +273,7 @@ attempt_over(struct request *r, const struct attempt_result *in)
     case ATT_OK:
         r->end = END_COMPLETED;
         if (res->head_pending) {
-            attempt_send_head(&r->att); /* an empty body, passed on as it is */
+            attempt_send_head(r->att); /* an empty body, passed on as it is */
         }
         if (r->hreq && !http_reply_started(r->hreq)) {
             /* curl saw a complete answer whose head we never passed on */
@@ -381,7 +381,7 @@ att_start(void *owner, int status, struct http_header *h, size_t n, int64_t clen
     struct reply_info ri = {
         .attempts = r->attempts,
         .queue_ms = r->queue_us / 1000,
-        .upstream = r->att.up->conf->name,
+        .upstream = r->att->up->conf->name,
         .cache = r->cacheable ? (r->store_ok ? "MISS" : "BYPASS") : NULL,
     };
 
@@ -458,8 +458,8 @@ start_attempt(struct request *r, struct gw_upstream *up)
     }
     r->attempts++;
     r->t_up_start_us = now;
-    r->limit_fed = false;
-    if (attempt_start(&r->att, gw->up, up, &spec, &att_ops, r) < 0) {
+    r->att->limit_fed = false;
+    if (attempt_start(r->att, gw->up, up, &spec, &att_ops, r) < 0) {
         reply_fail(r, 502, "upstream_unreachable", "cannot start upstream transfer", END_INTERNAL);
         request_end(r);
         return;
@@ -536,7 +536,7 @@ static void
 timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct request *r = arg;
-    struct attempt_result res = {.status = r->att.status};
+    struct attempt_result res = {.status = r->att->status};
 
     (void)fd;
     (void)what;
@@ -560,7 +560,7 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
     case REQ_STREAMING:
         /* an upstream deadline */
         res.outcome = r->state == REQ_ATTEMPT ? ATT_FIRST_DATA : ATT_IDLE;
-        attempt_cancel(&r->att);
+        attempt_cancel(r->att);
         attempt_over(r, &res);
         return;
     default:
@@ -589,7 +589,7 @@ keepalive_cb(evutil_socket_t fd, short what, void *arg)
     }
     if (!r->replied) {
         reply_early_head(r);
-        attempt_head_out(&r->att); /* a head held for the first data byte will not go */
+        attempt_head_out(r->att); /* a head held for the first data byte will not go */
     }
     if (!r->sse) {
         sse_scan_feed(&r->scan, "\n", 1);
@@ -648,7 +648,7 @@ on_dispatch_shed(struct request *r)
     struct gw_upstream *up;
 
     assert(r->state == REQ_ATTEMPT);
-    attempt_cancel(&r->att);
+    attempt_cancel(r->att);
     dispatch_count(r, "shed");
     dispatch_circuit(r, ROUTE_NEUTRAL, "");
     dispatch_release(r);
@@ -734,20 +734,20 @@ on_client_close(void *arg)
 {
     struct request *r = arg;
     struct gateway *gw = r->gw;
-    bool freed_slot = r->slot_held;
+    bool freed_slot = r->att->slot_held;
 
     assert(r->state != REQ_DONE);
     r->hreq = NULL;
     if (flight_has_followers(r)) {
         /* identical requests wait on this one: go on without a client */
-        attempt_resume(&r->att);
+        attempt_resume(r->att);
         return;
     }
     if (!r->end) {
         r->end = request_left_end(r->state, r->data_sent);
     }
-    if (attempt_running(&r->att)) {
-        attempt_cancel(&r->att);
+    if (attempt_running(r->att)) {
+        attempt_cancel(r->att);
         dispatch_count(r, "client_closed");
         dispatch_circuit(r, ROUTE_NEUTRAL, "");
     }
@@ -771,7 +771,7 @@ on_client_drain(void *arg)
     if (r->state == REQ_FOLLOWING) {
         flight_feed(r);
     } else {
-        attempt_resume(&r->att); /* may deliver data right here */
+        attempt_resume(r->att); /* may deliver data right here */
     }
 }
 
@@ -801,7 +801,7 @@ access_record(const struct request *r)
         .status = r->status,
         .prio = r->prio,
         .cache = r->cache_status,
-        .upstream = r->attempts && r->att.up ? r->att.up->conf->name : "",
+        .upstream = r->attempts && r->att->up ? r->att->up->conf->name : "",
         .attempts = r->attempts,
         .queue_ms = r->queue_us / 1000,
         .upstream_ms = r->t_up_start_us ? (http_now_us() - r->t_up_start_us) / 1000 : 0,
@@ -809,7 +809,7 @@ access_record(const struct request *r)
         .t_start_us = r->t_start_us,
         .bytes_in = r->body_len,
         .bytes_out = r->bytes_out,
-        .tokens = r->att.tokens,
+        .tokens = r->att->tokens,
         .end = r->end,
     };
     access_note(&a);
@@ -829,7 +829,8 @@ request_unref(struct request *r)
         return;
     }
     assert(r->state == REQ_DONE);
-    attempt_free(&r->att);
+    attempt_free(&r->atts[0]);
+    attempt_free(&r->atts[1]);
     if (r->timer) {
         event_free(r->timer);
     }
@@ -875,8 +876,8 @@ request_end(struct request *r)
         evtimer_del(r->ka);
     }
     flight_leave(r, r->status == 200 && r->end == END_COMPLETED);
-    if (attempt_running(&r->att)) {
-        attempt_cancel(&r->att);
+    if (attempt_running(r->att)) {
+        attempt_cancel(r->att);
         dispatch_circuit(r, ROUTE_NEUTRAL, ""); /* a probe nobody waits for says nothing */
     }
     if (r->hreq) {
@@ -937,7 +938,9 @@ request_new(struct gateway *gw, struct http_req *hreq, enum prio prio)
         return NULL;
     }
     request_ref(r); /* the request's own, dropped by the reaper */
-    attempt_init(&r->att);
+    r->att = &r->atts[0];
+    attempt_init(&r->atts[0]);
+    attempt_init(&r->atts[1]);
     r->state = REQ_NEW;
     r->gw = gw;
     r->hreq = hreq;
@@ -1054,8 +1057,8 @@ request_shutdown(struct gateway *gw)
     gw->draining = true;
     while (gw->live) {
         struct request *r = gw->live;
-        if (attempt_running(&r->att)) {
-            attempt_cancel(&r->att);
+        if (attempt_running(r->att)) {
+            attempt_cancel(r->att);
         }
         reply_fail(r, 503, "shutting_down", "dsgate is shutting down; retry", END_SHUTDOWN);
         request_end(r);

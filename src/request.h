@@ -86,10 +86,8 @@ struct request {
     int late_status;
 
     /* attempts and retries */
-    struct attempt att;
-    bool slot_held;  /* dispatch: a slot of att.up */
-    bool held;       /* dispatch: the upstream holds this attempt (keep-alives, no data) */
-    bool limit_fed;  /* dispatch: the adaptive limit heard this attempt */
+    struct attempt *att;     /* the attempt that counts: one of atts[] */
+    struct attempt atts[2];  /* the other one runs as a hedge (timeouts.hedge_after) */
     int shed;        /* attempts taken back for a higher class (not counted against max_attempts) */
     char *lease;     /* dispatch: fleet lease held by the current attempt */
     uint64_t tried;  /* upstreams tried since the last backoff (bits) */

@@ -335,7 +335,7 @@ fake_start(struct request *r, struct gw_upstream *up)
 {
     assert_false(r->item.queued); /* it left the queue first */
     record(C_START, r, up, REFUSE_DISPLACED, false);
-    r->att.up = up;
+    r->att->up = up;
     dispatch_acquire(r, up);
 }
 
@@ -352,7 +352,7 @@ fake_shed(struct request *r)
 {
     struct gw_upstream *up = NULL;
 
-    record(C_SHED, r, r->att.up, REFUSE_DISPLACED, false);
+    record(C_SHED, r, r->att->up, REFUSE_DISPLACED, false);
     dispatch_release(r);
     r->state = REQ_QUEUED;
     assert_int_equal(dispatch_requeue(r, &up), DISPATCH_QUEUED);
@@ -503,6 +503,7 @@ req_new(struct fx *f, enum prio p, const char *model)
     assert_non_null(r);
     assert_true(f->nreqs < MAX_REQS);
     f->reqs[f->nreqs++] = r;
+    r->att = &r->atts[0]; /* as request.c sets it up */
     r->gw = &f->gw;
     r->prio = p;
     r->model = (char *)model;
@@ -521,9 +522,9 @@ submit(struct request *r, struct gw_upstream **up)
 
     if (res == DISPATCH_GO) {
         assert_non_null(u);
-        r->att.up = u;
+        r->att->up = u;
         dispatch_acquire(r, u);
-        assert_true(r->slot_held);
+        assert_true(r->att->slot_held);
     }
     if (up) {
         *up = u;
@@ -596,7 +597,7 @@ test_submit_go_by_model(void **state)
                      res, up_name(up), t[i].want);
         }
         dispatch_release(r); /* the next case starts from free slots */
-        assert_false(r->slot_held);
+        assert_false(r->att->slot_held);
     }
     assert_int_equal(ncalls, 0); /* a GO is the caller's to start */
     assert_int_equal(f->gw.queue.total, 0);
@@ -1174,7 +1175,7 @@ test_shed_held_for_higher_class(void **state)
     dispatch_held(med);
     lo2->data_sent = true; /* data flows: never taken back */
     assert_int_equal(f->gw.held, 2);
-    assert_true(lo->held && lo->limit_fed);
+    assert_true(lo->att->held && lo->att->limit_fed);
     /* a medium waits: nothing lower than medium is held but lo */
     struct request *m2 = req_new(f, M, NULL);
     assert_int_equal(submit(m2, &up), DISPATCH_QUEUED);
@@ -1198,7 +1199,7 @@ test_shed_held_for_higher_class(void **state)
     /* the first data byte of a held attempt ends its hold, and it was fed once */
     dispatch_first_data(med, 1000);
     assert_int_equal(f->gw.held, 0);
-    assert_false(med->held);
+    assert_false(med->att->held);
     f->gw.live = NULL;
 }
 
@@ -1304,7 +1305,7 @@ test_alternative(void **state)
             }
         }
         struct request *r = req_new(f, M, "m");
-        r->att.up = f->up[t[c].failed_on];
+        r->att->up = f->up[t[c].failed_on];
         r->tried = t[c].tried;
         bool got = dispatch_alternative(r);
         if (got != t[c].want || r->tried != t[c].tried_after) {
@@ -1405,7 +1406,7 @@ test_circuit_limit_count(void **state)
     dispatch_release(r);
     dispatch_release(r);
     assert_int_equal(u->limit.inflight, 0);
-    assert_false(r->slot_held);
+    assert_false(r->att->slot_held);
 }
 
 /* ---- flight ----------------------------------------------------------------------- */
@@ -1421,7 +1422,7 @@ flight_req(struct fx *f, uint8_t key)
     memset(r->key, key, CACHE_KEY_LEN);
     r->cacheable = r->store_ok = r->lookup = r->may_join = true;
     r->cache_status = CS_MISS;
-    r->att.up = f->up[0];
+    r->att->up = f->up[0];
     r->hreq = NULL; /* no client: feed() does nothing */
     return r;
 }
