@@ -147,6 +147,7 @@ struct attempt {
     char *lease;
     bool held;      /* the upstream holds it (keep-alives, no data) */
     bool limit_fed; /* the adaptive limit heard it */
+    int64_t t_start_us;
     /* token accounting from the answer's "usage" */
     char *tail;
     size_t tail_len;

@@ -291,7 +291,7 @@ shed_for(struct gateway *gw, struct request *head, enum prio p)
     for (struct request *v = gw->live, *next; v; v = next) {
         struct gw_upstream *u = v->att->up;
         next = v->lnext;
-        if (v->state != REQ_ATTEMPT || !v->att->held || v->data_sent || v->prio <= p ||
+        if (v->state != REQ_ATTEMPT || !v->att->held || v->data_sent || v->racing || v->prio <= p ||
             flight_has_followers(v) || !eligible(head, u) || !circuit_usable(&u->circuit, now)) {
             continue;
         }
@@ -355,12 +355,32 @@ dispatch_pump(struct gateway *gw)
 void
 dispatch_acquire(struct request *r, struct gw_upstream *up)
 {
+    dispatch_acquire_at(r, r->att, up);
+}
+
+void
+dispatch_acquire_at(struct request *r, struct attempt *a, struct gw_upstream *up)
+{
     sched_limit_acquire(&up->limit);
     if (fleet_active(r->gw->fleet) && up->fleet) {
-        r->att->lease = fleet_take(up->fleet);
+        a->lease = fleet_take(up->fleet);
     }
     circuit_on_send(&up->circuit);
-    r->att->slot_held = true;
+    a->slot_held = true;
+}
+
+struct gw_upstream *
+dispatch_hedge_target(struct request *r)
+{
+    size_t c[ROUTE_MAX_UPSTREAMS];
+    size_t n = candidates(r, C_USABLE | C_SLOT | C_LEASE, c);
+
+    for (size_t i = 0; i < n; i++) {
+        if (r->gw->ups[c[i]] != r->att->up) {
+            return r->gw->ups[c[i]]; /* the next eligible one, in order */
+        }
+    }
+    return NULL;
 }
 
 void
@@ -380,10 +400,10 @@ dispatch_held(struct request *r)
 }
 
 static void
-unheld(struct request *r)
+unheld(struct request *r, struct attempt *a)
 {
-    if (r->att->held) {
-        r->att->held = false;
+    if (a->held) {
+        a->held = false;
         r->gw->held--;
     }
 }
@@ -394,7 +414,7 @@ dispatch_first_data(struct request *r, int64_t first_data_us)
     struct gw_upstream *u = r->att->up;
     bool was_held = r->att->held;
 
-    unheld(r);
+    unheld(r, r->att);
     if (r->att->limit_fed) {
         return;
     }
@@ -409,14 +429,20 @@ dispatch_first_data(struct request *r, int64_t first_data_us)
 void
 dispatch_release(struct request *r)
 {
-    unheld(r);
-    if (r->att->slot_held) {
-        r->att->slot_held = false;
-        sched_limit_release(&r->att->up->limit);
+    dispatch_release_at(r, r->att);
+}
+
+void
+dispatch_release_at(struct request *r, struct attempt *a)
+{
+    unheld(r, a);
+    if (a->slot_held) {
+        a->slot_held = false;
+        sched_limit_release(&a->up->limit);
     }
-    if (r->att->lease) {
-        fleet_release(r->gw->fleet, r->att->up->fleet, r->att->lease);
-        r->att->lease = NULL;
+    if (a->lease) {
+        fleet_release(r->gw->fleet, a->up->fleet, a->lease);
+        a->lease = NULL;
     }
 }
 

@@ -81,6 +81,12 @@ void dispatch_pump(struct gateway *gw);
 void dispatch_acquire(struct request *r, struct gw_upstream *up);
 /* The attempt is over: slot and lease back. */
 void dispatch_release(struct request *r);
+/* The same for attempt A of R (a hedge). */
+struct attempt;
+void dispatch_acquire_at(struct request *r, struct attempt *a, struct gw_upstream *up);
+void dispatch_release_at(struct request *r, struct attempt *a);
+/* Where a hedge of R's attempt may go now: another eligible upstream with a free slot, or NULL. */
+struct gw_upstream *dispatch_hedge_target(struct request *r);
 /* What the breaker and the adaptive limit of the attempt's upstream hear. */
 void dispatch_circuit(struct request *r, enum route_outcome o, const char *reason);
 void dispatch_limit(struct request *r, bool overload);

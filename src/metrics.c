@@ -268,6 +268,8 @@ metrics_init(void)
     metrics_register("dsgate_inflight", METRIC_GAUGE, "Transfers in flight, by upstream.");
     metrics_register("dsgate_concurrency_limit", METRIC_GAUGE,
                      "Current (adaptive) concurrency limit, by upstream.");
+    metrics_register("dsgate_hedges_total", METRIC_COUNTER,
+                     "Hedged attempts, by the hedge's upstream and outcome (won, lost, cancelled).");
     metrics_register("dsgate_first_data_baseline_seconds", METRIC_GAUGE,
                      "Baseline time to the first data byte of streams, by upstream.");
     metrics_register("dsgate_first_data_sample_seconds", METRIC_GAUGE,

@@ -69,6 +69,10 @@ const char *const req_state_name[REQ_STATES] = {
 
 static void request_end(struct request *r);
 static void route(struct request *r);
+static void hedge_promote(struct request *r);
+static void hedge_count(const struct attempt *a, const char *outcome);
+static void hedge_stop(struct request *r);
+static struct attempt *other(struct request *r);
 
 /* ---- states ------------------------------------------------------------------ */
 
@@ -263,6 +267,10 @@ attempt_over(struct request *r, const struct attempt_result *in)
         log_msg(LOG_WARN, "req=%llu up=%s: upstream %s: %s", (unsigned long long)r->id,
                 r->att->up->conf->name, rule->circuit_reason, res->detail);
     }
+    if (r->racing && res->outcome != ATT_ABORTED) {
+        hedge_promote(r); /* the hedge still runs: it is the way on, not a retry */
+        return;
+    }
     if (res->outcome == ATT_DROPPED ||
         (request_outcome_retryable(gw->conf, res->outcome, r->data_sent) && can_retry(r, 0))) {
         schedule_retry(r, res->outcome == ATT_DROPPED ? r->retry_reason : rule->circuit_reason);
@@ -301,10 +309,20 @@ attempt_over(struct request *r, const struct attempt_result *in)
 
 /* ---- attempt ops -------------------------------------------------------------- */
 
-static enum attempt_head
-att_head(void *owner, const struct attempt_head_info *h)
+/* The line a cut attempt left half-sent is ended, so the next event stands alone. */
+static void
+end_cut_line(struct request *r)
 {
-    struct request *r = owner;
+    if (r->sse && r->hreq && (r->scan.mid_line || r->scan.mid_event)) {
+        const char *end = r->scan.mid_line ? "\n\n" : "\n";
+        sse_scan_feed(&r->scan, end, strlen(end));
+        http_reply_data(r->hreq, end, strlen(end));
+    }
+}
+
+static enum attempt_head
+cur_head(struct request *r, const struct attempt_head_info *h)
+{
     int status = h->status;
     char reason[8];
 
@@ -346,37 +364,13 @@ att_head(void *owner, const struct attempt_head_info *h)
         return AH_TAKE;
     }
     /* an earlier attempt or dsgate itself sent the head: the body continues that reply */
-    if (r->sse && r->hreq && (r->scan.mid_line || r->scan.mid_event)) {
-        /* the last attempt was cut inside a line: end it, so the next event stands alone */
-        const char *end = r->scan.mid_line ? "\n\n" : "\n";
-        sse_scan_feed(&r->scan, end, strlen(end));
-        http_reply_data(r->hreq, end, strlen(end));
-    }
+    end_cut_line(r);
     return AH_CONTINUE;
 }
 
 static void
-att_held(void *owner)
+cur_start(struct request *r, int status, struct http_header *h, size_t n, int64_t clen)
 {
-    struct request *r = owner;
-
-    if (!r->data_sent) {
-        dispatch_held(r);
-    }
-}
-
-static bool
-att_blocked(void *owner)
-{
-    struct request *r = owner;
-
-    return r->hreq && http_reply_pending(r->hreq) > STREAM_HIGH_WATER;
-}
-
-static void
-att_start(void *owner, int status, struct http_header *h, size_t n, int64_t clen)
-{
-    struct request *r = owner;
     struct reply_buf rb;
     struct reply_info ri = {
         .attempts = r->attempts,
@@ -393,20 +387,29 @@ att_start(void *owner, int status, struct http_header *h, size_t n, int64_t clen
 }
 
 static int
-att_data(void *owner, const char *p, size_t len)
+cur_data(struct request *r, const char *p, size_t len)
 {
-    struct request *r = owner;
-
     if (!request_wanted(r)) {
         return UP_ABORT;
     }
+    if (!r->replied && r->hreq) {
+        /* a hedge that took over before its data: its head was never passed on */
+        r->want_sse = r->hedge_sse;
+        reply_early_head(r);
+    }
     if (sse_scan_feed(&r->scan, p, len)) {
         int64_t now = http_now_us();
+        if (r->racing) {
+            /* the request's own attempt won: the hedge is stopped from the loop */
+            r->racing = false;
+            hedge_count(other(r), "lost");
+            event_active(r->hedge_kill, EV_TIMEOUT, 0);
+        }
         if (r->t_first_data_us == 0) {
             r->t_first_data_us = now;
         }
         if (r->state == REQ_ATTEMPT) {
-            dispatch_first_data(r, now - r->t_up_start_us);
+            dispatch_first_data(r, now - r->att->t_start_us);
         }
         r->data_sent = true;
         set_state(r, REQ_STREAMING); /* the idle deadline from now */
@@ -426,23 +429,107 @@ att_data(void *owner, const char *p, size_t len)
     return UP_CONTINUE;
 }
 
-static void
-att_done(void *owner, const struct attempt_result *res)
+/* ---- hedging ---------------------------------------------------------------------- */
+
+static struct attempt *
+other(struct request *r)
 {
-    attempt_over(owner, res);
+    return r->att == &r->atts[0] ? &r->atts[1] : &r->atts[0];
 }
 
-static const struct attempt_ops att_ops = {att_head,  att_held, att_blocked,
-                                           att_start, att_data, att_done};
+static void
+hedge_count(const struct attempt *a, const char *outcome)
+{
+    metrics_addf("dsgate_hedges_total", 1, "upstream=\"%s\",outcome=\"%s\"", a->up->conf->name,
+                 outcome);
+}
 
-/* ---- on the way upstream --------------------------------------------------------- */
+/* The attempt that is not the request's own: stop it (from the loop) and give its slot back. */
+static void
+hedge_stop(struct request *r)
+{
+    struct attempt *o = other(r);
+
+    if (attempt_running(o)) {
+        attempt_cancel(o);
+    }
+    dispatch_release_at(r, o);
+}
 
 static void
-start_attempt(struct request *r, struct gw_upstream *up)
+hedge_kill_cb(evutil_socket_t fd, short what, void *arg)
 {
-    struct gateway *gw = r->gw;
-    int64_t now = http_now_us();
-    struct attempt_spec spec = {
+    (void)fd;
+    (void)what;
+    hedge_stop(arg);
+}
+
+/* Attempt A (the hedge) produced the first data byte: it is the request's attempt now. */
+static void
+hedge_win(struct request *r, struct attempt *a)
+{
+    r->racing = false;
+    r->att = a;
+    hedge_count(a, "won");
+    event_active(r->hedge_kill, EV_TIMEOUT, 0); /* the other one, from the loop */
+    if (!r->replied && r->hreq) {
+        r->want_sse = r->hedge_sse;
+        reply_early_head(r);
+    }
+    end_cut_line(r);
+    flight_head(r, 200, r->hedge_ctype);
+}
+
+static enum attempt_head
+hedge_head(struct request *r, const struct attempt_head_info *h)
+{
+    if (!r->racing || h->status != 200) {
+        return AH_GONE; /* lost already, or failed: the request's own attempt goes on */
+    }
+    r->hedge_sse = h->sse;
+    snprintf(r->hedge_ctype, sizeof(r->hedge_ctype), "%s", h->ctype ? h->ctype : "");
+    sse_scan_init(&r->hscan, h->sse);
+    return AH_CONTINUE; /* its head goes out only if it wins */
+}
+
+static int
+hedge_data(struct request *r, struct attempt *a, const char *p, size_t len)
+{
+    if (!r->racing) {
+        return UP_ABORT;
+    }
+    if (!sse_scan_feed(&r->hscan, p, len)) {
+        return UP_CONTINUE; /* keep-alives of the hedge are not passed on */
+    }
+    hedge_win(r, a);
+    return cur_data(r, p, len);
+}
+
+/* The hedge ended before it won: the request's own attempt goes on alone. */
+static void
+hedge_done(struct request *r, struct attempt *a)
+{
+    dispatch_release_at(r, a);
+    if (r->racing) {
+        r->racing = false;
+        hedge_count(a, "cancelled");
+    }
+}
+
+/* The request's attempt ended while a hedge runs: the hedge is the attempt now. */
+static void
+hedge_promote(struct request *r)
+{
+    r->racing = false;
+    r->att = other(r);
+    hedge_count(r->att, "won");
+    set_state(r, REQ_ATTEMPT); /* the hedge's upstream's first_data deadline */
+}
+
+static void
+fill_spec(const struct request *r, struct attempt_spec *spec)
+{
+    *spec = (struct attempt_spec){
         .method = r->method,
         .target = r->target,
         .body = r->body,
@@ -452,20 +539,157 @@ start_attempt(struct request *r, struct gw_upstream *up)
         .ch = &r->ch,
         .count_usage = r->cache_path,
     };
+}
+
+static const struct attempt_ops slot_ops[2];
+
+/* timeouts.hedge_after without a data byte: the same request on the next eligible upstream too. */
+static void
+hedge_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct request *r = arg;
+    struct gateway *gw = r->gw;
+    struct attempt_spec spec;
+
+    (void)fd;
+    (void)what;
+    if (r->state != REQ_ATTEMPT || r->racing || !attempt_running(r->att) || !request_wanted(r) ||
+        gw->draining) {
+        return;
+    }
+    struct gw_upstream *up = dispatch_hedge_target(r);
+    if (!up) {
+        return;
+    }
+    if (!retry_budget_take(&gw->budget, http_now_us() / 1000000, gw->conf->retry.budget)) {
+        metrics_add("dsgate_retry_budget_exhausted_total", NULL, 1);
+        return;
+    }
+    struct attempt *h = other(r);
+    fill_spec(r, &spec);
+    if (attempt_start(h, gw->up, up, &spec, &slot_ops[h - r->atts], r) < 0) {
+        return;
+    }
+    h->t_start_us = http_now_us();
+    h->limit_fed = true; /* the limit hears the attempt that counts */
+    dispatch_acquire_at(r, h, up);
+    r->attempts++;
+    r->racing = true;
+    log_msg(LOG_DEBUG, "req=%llu up=%s: hedged on %s", (unsigned long long)r->id,
+            r->att->up->conf->name, up->conf->name);
+}
+
+/* ---- attempt ops, one table per attempt slot ------------------------------------------ */
+
+static enum attempt_head
+slot_head(struct request *r, struct attempt *a, const struct attempt_head_info *h)
+{
+    return a == r->att ? cur_head(r, h) : hedge_head(r, h);
+}
+
+static void
+slot_held(struct request *r, struct attempt *a)
+{
+    if (a == r->att && !r->data_sent) {
+        dispatch_held(r);
+    }
+}
+
+static bool
+slot_blocked(struct request *r, struct attempt *a)
+{
+    (void)a;
+    return r->hreq && http_reply_pending(r->hreq) > STREAM_HIGH_WATER;
+}
+
+static void
+slot_start(struct request *r, struct attempt *a, int status, struct http_header *h, size_t n,
+           int64_t clen)
+{
+    if (a == r->att) {
+        cur_start(r, status, h, n, clen);
+    }
+}
+
+static int
+slot_data(struct request *r, struct attempt *a, const char *p, size_t len)
+{
+    return a == r->att ? cur_data(r, p, len) : hedge_data(r, a, p, len);
+}
+
+static void
+slot_done(struct request *r, struct attempt *a, const struct attempt_result *res)
+{
+    if (a == r->att) {
+        attempt_over(r, res);
+    } else {
+        hedge_done(r, a);
+    }
+}
+
+#define SLOT_OPS(i)                                                                                \
+    static enum attempt_head head##i(void *o, const struct attempt_head_info *h)                  \
+    {                                                                                              \
+        return slot_head(o, &((struct request *)o)->atts[i], h);                                   \
+    }                                                                                              \
+    static void held##i(void *o)                                                                   \
+    {                                                                                              \
+        slot_held(o, &((struct request *)o)->atts[i]);                                             \
+    }                                                                                              \
+    static bool blocked##i(void *o)                                                                \
+    {                                                                                              \
+        return slot_blocked(o, &((struct request *)o)->atts[i]);                                   \
+    }                                                                                              \
+    static void start##i(void *o, int st, struct http_header *h, size_t n, int64_t clen)          \
+    {                                                                                              \
+        slot_start(o, &((struct request *)o)->atts[i], st, h, n, clen);                            \
+    }                                                                                              \
+    static int data##i(void *o, const char *p, size_t len)                                         \
+    {                                                                                              \
+        return slot_data(o, &((struct request *)o)->atts[i], p, len);                              \
+    }                                                                                              \
+    static void done##i(void *o, const struct attempt_result *res)                                 \
+    {                                                                                              \
+        slot_done(o, &((struct request *)o)->atts[i], res);                                        \
+    }
+SLOT_OPS(0)
+SLOT_OPS(1)
+
+static const struct attempt_ops slot_ops[2] = {
+    {head0, held0, blocked0, start0, data0, done0},
+    {head1, held1, blocked1, start1, data1, done1},
+};
+
+/* ---- on the way upstream --------------------------------------------------------- */
+
+static void
+start_attempt(struct request *r, struct gw_upstream *up)
+{
+    struct gateway *gw = r->gw;
+    int64_t now = http_now_us();
+    struct attempt_spec spec;
 
     if (r->attempts == 0) {
         retry_budget_first(&gw->budget, now / 1000000);
     }
+    fill_spec(r, &spec);
     r->attempts++;
     r->t_up_start_us = now;
     r->att->limit_fed = false;
-    if (attempt_start(r->att, gw->up, up, &spec, &att_ops, r) < 0) {
+    if (attempt_start(r->att, gw->up, up, &spec, &slot_ops[r->att - r->atts], r) < 0) {
         reply_fail(r, 502, "upstream_unreachable", "cannot start upstream transfer", END_INTERNAL);
         request_end(r);
         return;
     }
+    r->att->t_start_us = now;
     dispatch_acquire(r, up);
     set_state(r, REQ_ATTEMPT);
+    int64_t ms = up->conf->hedge_after_ms;
+    if (ms > 0 && (r->hedge || (r->hedge = evtimer_new(gw->base, hedge_cb, r))) &&
+        (r->hedge_kill || (r->hedge_kill = event_new(gw->base, -1, 0, hedge_kill_cb, r)))) {
+        struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+        evtimer_add(r->hedge, &tv);
+    }
 }
 
 /* Into the queue, unless it is full: then refuse (a lower class may be shed). */
@@ -837,6 +1061,12 @@ request_unref(struct request *r)
     if (r->ka) {
         event_free(r->ka);
     }
+    if (r->hedge) {
+        event_free(r->hedge);
+    }
+    if (r->hedge_kill) {
+        event_free(r->hedge_kill);
+    }
     client_headers_free(&r->ch);
     free(r->body);
     free(r->path);
@@ -875,6 +1105,15 @@ request_end(struct request *r)
     if (r->ka) {
         evtimer_del(r->ka);
     }
+    if (r->hedge) {
+        evtimer_del(r->hedge);
+        event_del(r->hedge_kill);
+    }
+    if (r->racing) {
+        r->racing = false;
+        hedge_count(other(r), "cancelled");
+    }
+    hedge_stop(r);
     flight_leave(r, r->status == 200 && r->end == END_COMPLETED);
     if (attempt_running(r->att)) {
         attempt_cancel(r->att);

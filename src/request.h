@@ -89,6 +89,13 @@ struct request {
     struct attempt *att;     /* the attempt that counts: one of atts[] */
     struct attempt atts[2];  /* the other one runs as a hedge (timeouts.hedge_after) */
     int shed;        /* attempts taken back for a higher class (not counted against max_attempts) */
+    /* hedging (timeouts.hedge_after): the other slot of atts[] races the attempt */
+    struct event *hedge;      /* hedge_after: start the hedge */
+    struct event *hedge_kill; /* stop the attempt that lost, from the loop */
+    bool racing;              /* both run; the first data byte wins */
+    bool hedge_sse;           /* the hedge's answer is a stream */
+    char hedge_ctype[128];
+    struct sse_scan hscan;    /* the hedge's bytes while racing: data or keep-alives */
     char *lease;     /* dispatch: fleet lease held by the current attempt */
     uint64_t tried;  /* upstreams tried since the last backoff (bits) */
     int attempts;
