@@ -221,6 +221,12 @@ queued_for(const struct gateway *gw, uint64_t sig)
 enum dispatch_result
 dispatch_requeue(struct request *r, struct gw_upstream **up)
 {
+    return dispatch_requeue_at(r, up, http_now_us());
+}
+
+enum dispatch_result
+dispatch_requeue_at(struct request *r, struct gw_upstream **up, int64_t t_enq_us)
+{
     struct gateway *gw = r->gw;
     size_t c[ROUTE_MAX_UPSTREAMS];
     size_t n = candidates(r, 0, c);
@@ -236,7 +242,7 @@ dispatch_requeue(struct request *r, struct gw_upstream **up)
             return DISPATCH_GO;
         }
     }
-    sched_set_push(&gw->queue, &r->item, sig, r->prio, http_now_us());
+    sched_set_push_at(&gw->queue, &r->item, sig, r->prio, t_enq_us, http_now_us());
     if (fleet_active(gw->fleet)) {
         want_leases(gw, r);
     }
@@ -272,7 +278,7 @@ dispatch_leave(struct request *r)
         return;
     }
     sched_set_remove(&r->gw->queue, &r->item);
-    int64_t waited = http_now_us() - r->item.t_enq_us;
+    int64_t waited = http_now_us() - r->item.t_in_us;
     r->queue_us += waited;
     metrics_observe("dsgate_queue_wait_seconds", NULL, (double)waited / 1e6);
 }

@@ -72,6 +72,9 @@ void dispatch_forget_tried(struct request *r);
 enum dispatch_result dispatch_submit(struct request *r, struct gw_upstream **up);
 /* Back from a backoff: at once or queued, never refused. */
 enum dispatch_result dispatch_requeue(struct request *r, struct gw_upstream **up);
+/* The same, queued at the place of one that arrived at T_ENQ_US (a shed attempt). */
+enum dispatch_result dispatch_requeue_at(struct request *r, struct gw_upstream **up,
+                                         int64_t t_enq_us);
 /* Out of the queue (deadline, client gone, shutdown): its wait is counted. */
 void dispatch_leave(struct request *r);
 /* Start queued requests while slots are free. */

@@ -109,7 +109,7 @@ reply_early_head(struct request *r)
 {
     struct http_header h[1 + REPLY_MAX_HEADERS];
     struct reply_buf rb;
-    int64_t queued_us = r->item.queued ? http_now_us() - r->item.t_enq_us : 0; /* waiting now */
+    int64_t queued_us = r->item.queued ? http_now_us() - r->item.t_in_us : 0; /* waiting now */
     struct reply_info ri = {
         .attempts = r->attempts,
         .queue_ms = (r->queue_us + queued_us) / 1000,

@@ -878,7 +878,7 @@ on_dispatch_shed(struct request *r)
     dispatch_release(r);
     r->shed++;
     r->status = 0;
-    if (dispatch_requeue(r, &up) == DISPATCH_GO) {
+    if (dispatch_requeue_at(r, &up, r->t_start_us) == DISPATCH_GO) { /* its place, by arrival */
         start_attempt(r, up);
     } else {
         set_state(r, REQ_QUEUED);

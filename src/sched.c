@@ -10,16 +10,27 @@
 void
 sched_queue_push(struct sched_queue *q, struct sched_item *it, enum prio p, int64_t now_us)
 {
+    struct sched_item *after = q->tail[p];
+
     it->prio = p;
     it->t_enq_us = now_us;
-    it->next = NULL;
-    it->prev = q->tail[p];
-    if (q->tail[p]) {
-        q->tail[p]->next = it;
+    it->t_in_us = now_us;
+    /* one that comes back keeps its place: after the last one that came before it */
+    while (after && after->t_enq_us > now_us) {
+        after = after->prev;
+    }
+    it->prev = after;
+    it->next = after ? after->next : q->head[p];
+    if (it->next) {
+        it->next->prev = it;
+    } else {
+        q->tail[p] = it;
+    }
+    if (after) {
+        after->next = it;
     } else {
         q->head[p] = it;
     }
-    q->tail[p] = it;
     q->depth[p]++;
     q->total++;
     it->queued = true;
@@ -101,6 +112,13 @@ void
 sched_set_push(struct sched_set *s, struct sched_item *it, uint64_t sig, enum prio p,
                int64_t now_us)
 {
+    sched_set_push_at(s, it, sig, p, now_us, now_us);
+}
+
+void
+sched_set_push_at(struct sched_set *s, struct sched_item *it, uint64_t sig, enum prio p,
+                  int64_t t_enq_us, int64_t now_us)
+{
     unsigned gi = SCHED_GROUPS - 1, free_gi = SCHED_GROUPS;
 
     for (unsigned i = 0; i < SCHED_GROUPS; i++) {
@@ -120,7 +138,8 @@ sched_set_push(struct sched_set *s, struct sched_item *it, uint64_t sig, enum pr
         s->g[gi].sig = sig;
     }
     it->group = gi;
-    sched_queue_push(&s->g[gi].q, it, p, now_us);
+    sched_queue_push(&s->g[gi].q, it, p, t_enq_us);
+    it->t_in_us = now_us;
     s->total++;
     s->depth[p]++;
 }
@@ -194,6 +213,7 @@ sched_limit_init(struct sched_limit *l, int max_inflight, bool adaptive)
     l->inflight = 0;
     l->win_start_us = 0;
     l->win_n = l->win_over = 0;
+    l->win_peak = l->last_peak = 0;
     l->baseline_us = 0;
     l->sample_us = 0;
     l->nsamples = 0;
@@ -221,6 +241,9 @@ void
 sched_limit_acquire(struct sched_limit *l)
 {
     l->inflight++;
+    if (l->inflight > l->win_peak) {
+        l->win_peak = l->inflight;
+    }
 }
 
 void
@@ -241,6 +264,7 @@ sched_limit_feedback(struct sched_limit *l, bool overload, int64_t now_us)
         l->win_start_us = now_us;
     }
     l->win_n++;
+    int peak = l->win_peak > l->last_peak ? l->win_peak : l->last_peak;
     if (overload) {
         l->win_over++;
     } else {
@@ -257,12 +281,16 @@ sched_limit_feedback(struct sched_limit *l, bool overload, int64_t now_us)
     }
     bool cut = (uint64_t)l->win_over * 100 >= (uint64_t)l->win_n * SCHED_OVERLOAD_PERCENT;
     if (cut) {
-        l->limit *= SCHED_DECREASE_FACTOR;
+        /* from what was in flight when it overloaded, not from a limit far above it */
+        double base = peak > 0 && peak < l->limit ? peak : l->limit;
+        l->limit = base * SCHED_DECREASE_FACTOR;
         if (l->limit < 1) {
             l->limit = 1;
         }
     }
     l->win_n = l->win_over = 0;
+    l->last_peak = l->win_peak;
+    l->win_peak = l->inflight;
     return cut;
 }
 

@@ -46,8 +46,9 @@
 
 struct sched_item {
     struct sched_item *prev, *next;
-    enum prio prio; /* class at enqueue */
-    int64_t t_enq_us;
+    enum prio prio;   /* class at enqueue */
+    int64_t t_enq_us; /* its place: FIFO order within the class, and aging */
+    int64_t t_in_us;  /* when it entered this time (its wait) */
     bool queued;
     unsigned group; /* in a sched_set: which queue */
 };
@@ -88,6 +89,12 @@ struct sched_set {
 
 void sched_set_push(struct sched_set *s, struct sched_item *it, uint64_t sig, enum prio p,
                     int64_t now_us);
+/*
+ * The same, for an item that comes back: it takes its place by T_ENQ_US
+ * (its first arrival) among those of its class; NOW_US starts its wait.
+ */
+void sched_set_push_at(struct sched_set *s, struct sched_item *it, uint64_t sig, enum prio p,
+                       int64_t t_enq_us, int64_t now_us);
 void sched_set_remove(struct sched_set *s, struct sched_item *it);
 /* The head of every non-empty queue, best first (class after aging, then age). */
 size_t sched_set_heads(const struct sched_set *s, int64_t now_us, int64_t aging_us,
@@ -103,6 +110,8 @@ struct sched_limit {
     int64_t win_start_us; /* the current window of outcomes */
     uint32_t win_n;
     uint32_t win_over;
+    int win_peak;  /* most in flight during the window */
+    int last_peak; /* ... during the window before */
     /* time to first data of streams: baseline and the latest sample, in us */
     double baseline_us;
     int64_t sample_us;

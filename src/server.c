@@ -69,9 +69,12 @@ reply_readyz(struct gateway *gw, struct http_req *req)
         log_json_escape(b, u->conf->name);
         evbuffer_add_printf(b,
                             "\",\"state\":\"%s\",\"reason\":\"%s\",\"inflight\":%d,"
-                            "\"limit\":%d}",
+                            "\"limit\":%d,\"first_data_baseline_ms\":%lld,"
+                            "\"first_data_sample_ms\":%lld}",
                             circuit_state_name(u->circuit.state), u->circuit.reason,
-                            u->limit.inflight, sched_limit_current(&u->limit));
+                            u->limit.inflight, sched_limit_current(&u->limit),
+                            (long long)(u->limit.baseline_us / 1000),
+                            (long long)(u->limit.sample_us / 1000));
     }
     evbuffer_add_printf(b, "]}\n");
     size_t len = evbuffer_get_length(b);

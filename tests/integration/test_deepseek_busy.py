@@ -701,6 +701,113 @@ def t_hold_mode_end_to_end():
 
 # ---------------------------------------------------------------- runner
 
+def metric_value(port, name, **labels):
+    r = H.request(port, "GET", "/metrics", timeout=5.0)
+    for ln in r.body.decode().splitlines():
+        if ln.startswith("#") or not ln.startswith(name):
+            continue
+        head, _, value = ln.rpartition(" ")
+        got = dict(kv.split("=", 1) for kv in head[len(name):].strip("{}").split(",") if kv)
+        if head.split("{")[0] == name and {k: v.strip('"') for k, v in got.items()} == labels:
+            return float(value)
+    return None
+
+
+def t_hold_priority_and_limit():
+    """fake --hold --capacity 4 --latency-ms 250, dsgate max_inflight 64,
+    adaptive: 60 low requests flood it (the fake holds most of them), then 6
+    high ones: the highs overtake (held lows are taken back into dsgate's
+    queue), every request completes whole, and the limit has learnt to
+    stay far below 64."""
+    f = fake("--hold", "--capacity", "4", "--latency-ms", "250", "--hold-keepalive-ms", "100",
+             name="holdprio")
+    d = dsgate(f.url, "holdprio", attempts=4, base="50ms", cap="500ms", max_inflight=64,
+               adaptive=True, max_wait="60s")
+    t0 = time.monotonic()
+    lows = [Pending(d.port, chat_body("low %d" % i), {"X-Priority": "low"}, timeout=40.0)
+            for i in range(60)]
+    check(H.wait_until(lambda: f.stats().get("held", 0) >= 20, 5.0),
+          "the fake never held the lows: %r", f.stats())
+    t_high = time.monotonic()
+    highs = [Pending(d.port, chat_body("high %d" % i), {"X-Priority": "high"}, timeout=40.0)
+             for i in range(6)]
+    for p in highs + lows:
+        r = p.wait(45.0)
+        # after keepalive.after (2 s) the body starts with dsgate's blank keep-alive lines
+        check(r.status == 200 and r.json().get("object") == "chat.completion", "status %s %r",
+              r.status, r.body[:120])
+    high_done = sorted(p.t_end - t_high for p in highs)
+    late_lows = sorted(p.t_end - t_high for p in lows if p.t_end > t_high)
+    note("hold priority: highs done after %s s; %d lows still running at the highs' send, "
+         "their median %.2f s; total %.2f s", ["%.2f" % x for x in high_done], len(late_lows),
+         late_lows[len(late_lows) // 2] if late_lows else -1, time.monotonic() - t0)
+    check(late_lows, "every low had finished before the highs were sent")
+    med_high = high_done[len(high_done) // 2]
+    med_low = late_lows[len(late_lows) // 2]
+    check(med_high < 0.5 * med_low, "highs did not overtake: median %.2f s vs lows %.2f s",
+          med_high, med_low)
+    limit = metric_value(d.port, "dsgate_concurrency_limit", upstream="up")
+    shed = metric_value(d.port, "dsgate_upstream_attempts_total", upstream="up", outcome="shed")
+    note("limit after the flood %s, shed attempts %s", limit, shed)
+    check(limit is not None and limit < 32, "the limit did not learn the hold: %s", limit)
+    acc = wait_access(d, 66)
+    check(all(a["status"] == 200 for a in acc), "statuses %r", sorted({a["status"] for a in acc}))
+    healthy(d)
+
+
+def t_hold_limit_recovers():
+    """After a hold flood cut the limit, capacity comes back (POST /_config):
+    the limit grows again with the successes."""
+    f = fake("--hold", "--capacity", "2", "--latency-ms", "100", "--hold-keepalive-ms", "50",
+             name="holdrec")
+    d = dsgate(f.url, "holdrec", attempts=4, base="50ms", cap="300ms", max_inflight=40,
+               adaptive=True, max_wait="60s")
+    ps = [Pending(d.port, chat_body("flood %d" % i), timeout=40.0) for i in range(40)]
+    for p in ps:
+        check(p.wait(45.0).status == 200, "flood request failed")
+    low = metric_value(d.port, "dsgate_concurrency_limit", upstream="up")
+    check(low is not None and low < 40, "no cut to recover from: %s", low)
+    H.request(f.port, "POST", "/_config", body=json.dumps({"capacity": 0, "latency_ms": 20}),
+              timeout=5.0)
+
+    def burst():
+        qs = [Pending(d.port, chat_body("after %d %f" % (i, time.monotonic())), timeout=20.0)
+              for i in range(30)]
+        for q in qs:
+            check(q.wait(25.0).status == 200, "request after recovery failed")
+    deadline = time.monotonic() + 20.0
+    high = low
+    while time.monotonic() < deadline and high < low + 5:
+        burst()
+        high = metric_value(d.port, "dsgate_concurrency_limit", upstream="up")
+    note("limit %s after the flood, %s once capacity came back", low, high)
+    check(high >= low + 5, "the limit did not grow back: %s -> %s", low, high)
+    healthy(d)
+
+
+def t_max_wait_by_class():
+    """queue.max_wait_by_class: high gives up after 300 ms, low waits on."""
+    f = fake(name="classwait")
+    port = H.free_port()
+    text = config(port, [("up", f.url)], max_inflight=1, max_wait="20s").replace(
+        "  max_wait: 20s\n", "  max_wait: 20s\n  max_wait_by_class: {high: 300ms}\n")
+    d = H.Dsgate(config_text=text + "keepalive: {after: 0s}\n", tag="dsbusy-classwait",
+                 port=port)
+    STARTED.append(d)
+    DSGATES.append(d)
+    hold = Pending(port, chat_body("hold"), {"X-Fake-Delay-Ms": "1500"})
+    check(H.wait_until(lambda: f.stats()["inflight"] == 1, 5.0), "slot not taken")
+    low = Pending(port, chat_body("low"), {"X-Priority": "low"})
+    t0 = time.monotonic()
+    r = H.request(port, "POST", CHAT, headers={"X-Priority": "high"}, body=chat_body("high"))
+    dt = time.monotonic() - t0
+    check(r.status == 504, "high: %s %r", r.status, r.body[:200])
+    check(0.2 <= dt < 1.2, "high answered after %.2f s, want about 300 ms", dt)
+    check(low.wait(10.0).status == 200, "low did not wait for its slot")
+    check(hold.wait(10.0).status == 200, "held request failed")
+    healthy(d)
+
+
 TESTS = [
     ("stream_held_closed_retried", t_stream_held_closed_retried),
     ("stream_cut_midline_retried", t_stream_cut_midline_retried),
@@ -712,6 +819,9 @@ TESTS = [
     ("unreachable_sole_fast_503", t_unreachable_sole_fast_503),
     ("unreachable_queued_fast_503", t_unreachable_queued_fast_503),
     ("hold_mode_end_to_end", t_hold_mode_end_to_end),
+    ("hold_priority_high_overtakes_and_limit_learns", t_hold_priority_and_limit),
+    ("hold_limit_recovers", t_hold_limit_recovers),
+    ("max_wait_by_class", t_max_wait_by_class),
 ]
 
 

@@ -914,6 +914,25 @@ static void test_limit_not_adaptive(void **state)
 
 /* A reload: a lower max clamps the limit, a higher max lets it grow back,
  * turning adaptive off resets the limit to max; in-flight counts stay. */
+/* A cut starts from what was in flight when it overloaded, not from a limit far above it. */
+static void test_limit_cut_from_peak(void **state)
+{
+    struct sched_limit l;
+
+    (void)state;
+    sched_limit_init(&l, 256, true);
+    for (int i = 0; i < 50; i++) {
+        sched_limit_acquire(&l);
+    }
+    for (int i = 0; i < SCHED_WINDOW_SAMPLES; i++) {
+        sched_limit_feedback(&l, true, T0 + i * MS);
+    }
+    assert_int_equal(sched_limit_current(&l), 35); /* 50 * 0.7, not 256 * 0.7 */
+    for (int i = 0; i < 50; i++) {
+        sched_limit_release(&l);
+    }
+}
+
 static void test_limit_configure(void **state)
 {
     struct sched_limit l;
@@ -926,11 +945,11 @@ static void test_limit_configure(void **state)
     assert_int_equal(sched_limit_current(&l), 8);
     assert_int_equal(l.inflight, 2);
     for (int i = 0; i < SCHED_WINDOW_SAMPLES; i++) {
-        sched_limit_feedback(&l, true, T0 + i * MS);   /* one window: 5.6 */
+        sched_limit_feedback(&l, true, T0 + i * MS);   /* one window: from the 2 in flight, 1.4 */
     }
-    assert_int_equal(sched_limit_current(&l), 5);
+    assert_int_equal(sched_limit_current(&l), 1);
     sched_limit_configure(&l, 30, true);               /* stays where it learnt */
-    assert_int_equal(sched_limit_current(&l), 5);
+    assert_int_equal(sched_limit_current(&l), 1);
     for (int i = 0; i < 2000; i++) {
         sched_limit_feedback(&l, false, T0 + (100 + i) * MS);
     }
@@ -992,6 +1011,7 @@ int main(void)
         cmocka_unit_test(test_limit_increase_cap),
         cmocka_unit_test(test_limit_random_failures_hold),
         cmocka_unit_test(test_limit_not_adaptive),
+        cmocka_unit_test(test_limit_cut_from_peak),
         cmocka_unit_test(test_limit_configure),
         cmocka_unit_test(test_limit_one),
     };
