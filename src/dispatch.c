@@ -379,7 +379,7 @@ struct gw_upstream *
 dispatch_hedge_target(struct request *r)
 {
     size_t c[ROUTE_MAX_UPSTREAMS];
-    size_t n = candidates(r, C_USABLE | C_SLOT | C_LEASE, c);
+    size_t n = candidates(r, C_USABLE | C_SLOT | C_LEASE | C_UNTRIED, c);
 
     for (size_t i = 0; i < n; i++) {
         if (r->gw->ups[c[i]] != r->att->up) {

@@ -469,7 +469,9 @@ static void
 hedge_win(struct request *r, struct attempt *a)
 {
     r->racing = false;
+    r->tried |= (uint64_t)1 << r->att->up->idx; /* the one that lost is not tried again at once */
     r->att = a;
+    r->status = 200; /* also for a leader without a client: its flight is stored on success */
     hedge_count(a, "won");
     event_active(r->hedge_kill, EV_TIMEOUT, 0); /* the other one, from the loop */
     if (!r->replied && r->hreq) {
@@ -487,6 +489,7 @@ hedge_head(struct request *r, const struct attempt_head_info *h)
         return AH_GONE; /* lost already, or failed: the request's own attempt goes on */
     }
     r->hedge_sse = h->sse;
+    r->hedge_headed = true;
     snprintf(r->hedge_ctype, sizeof(r->hedge_ctype), "%s", h->ctype ? h->ctype : "");
     sse_scan_init(&r->hscan, h->sse);
     return AH_CONTINUE; /* its head goes out only if it wins */
@@ -521,8 +524,18 @@ static void
 hedge_promote(struct request *r)
 {
     r->racing = false;
+    r->tried |= (uint64_t)1 << r->att->up->idx; /* it failed this request */
     r->att = other(r);
     hedge_count(r->att, "won");
+    if (r->hedge_headed) {
+        /* its 200 head came while racing: the answer is the hedge's from now */
+        r->status = 200;
+        if (!r->replied) {
+            r->sse = r->hedge_sse;
+            sse_scan_init(&r->scan, r->sse);
+        }
+        flight_head(r, 200, r->hedge_ctype);
+    }
     set_state(r, REQ_ATTEMPT); /* the hedge's upstream's first_data deadline */
 }
 
@@ -554,7 +567,7 @@ hedge_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     if (r->state != REQ_ATTEMPT || r->racing || !attempt_running(r->att) || !request_wanted(r) ||
-        gw->draining) {
+        gw->draining || r->attempts - r->shed >= gw->conf->retry.max_attempts) {
         return;
     }
     struct gw_upstream *up = dispatch_hedge_target(r);
@@ -575,6 +588,7 @@ hedge_cb(evutil_socket_t fd, short what, void *arg)
     dispatch_acquire_at(r, h, up);
     r->attempts++;
     r->racing = true;
+    r->hedge_headed = false;
     log_msg(LOG_DEBUG, "req=%llu up=%s: hedged on %s", (unsigned long long)r->id,
             r->att->up->conf->name, up->conf->name);
 }

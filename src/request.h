@@ -94,6 +94,7 @@ struct request {
     struct event *hedge_kill; /* stop the attempt that lost, from the loop */
     bool racing;              /* both run; the first data byte wins */
     bool hedge_sse;           /* the hedge's answer is a stream */
+    bool hedge_headed;        /* the hedge's 200 head came */
     char hedge_ctype[128];
     struct sse_scan hscan;    /* the hedge's bytes while racing: data or keep-alives */
     char *lease;     /* dispatch: fleet lease held by the current attempt */
