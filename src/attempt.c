@@ -127,6 +127,21 @@ client_headers_free(struct client_headers *ch)
     memset(ch, 0, sizeof(*ch));
 }
 
+/* A "Name: value" (or "Name;") line of a credential header: Authorization, x-api-key, api-key. */
+static bool
+is_credential_line(const char *l)
+{
+    static const char *const names[] = {"Authorization", "x-api-key", "api-key"};
+
+    for (size_t i = 0; i < 3; i++) {
+        size_t n = strlen(names[i]);
+        if (strncasecmp(l, names[i], n) == 0 && (l[n] == ':' || l[n] == ';')) {
+            return true;
+        }
+    }
+    return false;
+}
+
 /* The client's lines, with Authorization replaced when the upstream has a key. */
 static void
 build_forward_headers(struct attempt *a, const struct attempt_spec *s)
@@ -136,8 +151,8 @@ build_forward_headers(struct attempt *a, const struct attempt_spec *s)
 
     for (size_t i = 0; i < s->ch->n; i++) {
         const char *l = s->ch->line[i];
-        if (key && strncasecmp(l, "Authorization", 13) == 0 && (l[13] == ':' || l[13] == ';')) {
-            continue;
+        if (key && is_credential_line(l)) {
+            continue; /* dsgate's key goes instead: no client credential reaches the upstream */
         }
         a->fwd[n++] = l;
     }
@@ -156,8 +171,9 @@ build_forward_headers(struct attempt *a, const struct attempt_spec *s)
 }
 
 /*
- * An upstream with a models map gets its own name for the model: the body
- * is re-serialised for it (the only case), and its answers are rewritten
+ * An upstream with a models map gets its own name for the model: the
+ * model's string in the body is replaced by the new name (JSON-escaped),
+ * every other byte stays as the client sent it; answers are rewritten
  * back to the client's name.
  */
 static int
@@ -170,20 +186,29 @@ rename_model(struct attempt *a, const struct attempt_spec *s)
         a->rewriting = false;
     }
     const char *to = s->model ? route_model_for(a->up->conf, s->model) : NULL;
-    if (!to || strcmp(to, s->model) == 0 || !s->doc) {
+    if (!to || strcmp(to, s->model) == 0 || s->model_len < 2 ||
+        s->model_off + s->model_len > s->body_len) {
         return 0;
     }
-    json_t *copy = json_copy(s->doc);
-    if (!copy || json_object_set_new(copy, "model", json_string(to)) < 0) {
-        json_decref(copy);
+    json_t *js = json_string(to);
+    char *q = js ? json_dumps(js, JSON_ENCODE_ANY) : NULL;
+    json_decref(js);
+    if (!q) {
         return -1;
     }
-    a->send_body = json_dumps(copy, JSON_COMPACT);
-    json_decref(copy);
+    size_t ql = strlen(q);
+    a->send_len = s->body_len - s->model_len + ql;
+    a->send_body = malloc(a->send_len + 1);
     if (!a->send_body) {
+        free(q);
         return -1;
     }
-    a->send_len = strlen(a->send_body);
+    memcpy(a->send_body, s->body, s->model_off);
+    memcpy(a->send_body + s->model_off, q, ql);
+    memcpy(a->send_body + s->model_off + ql, s->body + s->model_off + s->model_len,
+           s->body_len - s->model_off - s->model_len);
+    a->send_body[a->send_len] = '\0';
+    free(q);
     if (model_rewrite_init(&a->mrw, to, s->model) < 0) {
         return -1;
     }
@@ -260,8 +285,8 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         }
     }
     a->status = status;
-    if (status == 401 || status == 402 || status == 403) {
-        a->auth_failed = true;
+    if ((status == 401 || status == 402 || status == 403) && a->up->auth_header) {
+        a->auth_failed = true; /* dsgate's key: kept to answer while the circuit is open */
     }
     struct attempt_head_info hi = {
         .status = status,

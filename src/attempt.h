@@ -111,7 +111,8 @@ struct attempt_spec {
     const char *body;
     size_t body_len;
     const char *model; /* the client's model, or NULL */
-    json_t *doc;       /* the parsed body when a model may be renamed, or NULL */
+    size_t model_off;  /* where its JSON string is in BODY (with quotes), for a rename */
+    size_t model_len;
     const struct client_headers *ch;
     bool count_usage; /* keep the answer's tail for its "usage" */
 };

@@ -98,59 +98,83 @@ sha256(const char *p, size_t len, uint8_t out[CACHE_KEY_LEN])
     return 0;
 }
 
+#define KEYBUF_KEEP (256 * 1024) /* a buffer grown beyond this is given back after use */
+
+static struct keybuf key_kb, raw_kb;
+
+/* The digest of what KB holds; a buffer that one large body grew is released. */
+static int
+keybuf_digest(struct keybuf *kb, uint8_t out[CACHE_KEY_LEN])
+{
+    int rc = sha256(kb->p, kb->len, out);
+
+    if (kb->cap > KEYBUF_KEEP) {
+        free(kb->p);
+        kb->p = NULL;
+        kb->cap = kb->len = 0;
+    }
+    return rc;
+}
+
+size_t
+cache_keybuf_bytes(void)
+{
+    return key_kb.cap + raw_kb.cap;
+}
+
 int
 cache_key(const char *group, const char *method, const char *path, const json_t *body,
           const char *credential, uint8_t out[CACHE_KEY_LEN])
 {
-    static struct keybuf kb;
+    struct keybuf *kbp = &key_kb;
     static const char tag[] = "dsgate-cache-v2";
     const int flags = JSON_SORT_KEYS | JSON_COMPACT | JSON_ENCODE_ANY;
 
-    kb.len = 0;
+    kbp->len = 0;
     /* the credential goes into the digest, never anywhere else */
-    if (keybuf_field(&kb, tag, sizeof(tag) - 1) < 0 || keybuf_field(&kb, group, strlen(group)) < 0 ||
-        keybuf_field(&kb, method, strlen(method)) < 0 ||
-        keybuf_field(&kb, path, strlen(path)) < 0 ||
-        keybuf_field(&kb, credential ? credential : "", credential ? strlen(credential) : 0) < 0 ||
-        keybuf_reserve(&kb, 8) < 0) {
+    if (keybuf_field(kbp, tag, sizeof(tag) - 1) < 0 || keybuf_field(kbp, group, strlen(group)) < 0 ||
+        keybuf_field(kbp, method, strlen(method)) < 0 ||
+        keybuf_field(kbp, path, strlen(path)) < 0 ||
+        keybuf_field(kbp, credential ? credential : "", credential ? strlen(credential) : 0) < 0 ||
+        keybuf_reserve(kbp, 8) < 0) {
         return -1;
     }
     /* the canonical body: written in place, the buffer grown when it does not fit */
-    size_t at = kb.len;
-    kb.len += 8;
-    size_t n = json_dumpb(body, kb.p + kb.len, kb.cap - kb.len, flags);
+    size_t at = kbp->len;
+    kbp->len += 8;
+    size_t n = json_dumpb(body, kbp->p + kbp->len, kbp->cap - kbp->len, flags);
     if (n == 0) {
         return -1;
     }
-    if (n > kb.cap - kb.len) {
-        if (keybuf_reserve(&kb, n) < 0) {
+    if (n > kbp->cap - kbp->len) {
+        if (keybuf_reserve(kbp, n) < 0) {
             return -1;
         }
-        n = json_dumpb(body, kb.p + kb.len, kb.cap - kb.len, flags);
+        n = json_dumpb(body, kbp->p + kbp->len, kbp->cap - kbp->len, flags);
     }
-    size_t end = kb.len + n;
-    kb.len = at;
-    keybuf_len(&kb, n);
-    kb.len = end;
-    return sha256(kb.p, kb.len, out);
+    size_t end = kbp->len + n;
+    kbp->len = at;
+    keybuf_len(kbp, n);
+    kbp->len = end;
+    return keybuf_digest(kbp, out);
 }
 
 int
 cache_raw_key(const char *group, const char *method, const char *path, const char *body,
               size_t len, const char *credential, uint8_t out[CACHE_KEY_LEN])
 {
-    static struct keybuf kb;
+    struct keybuf *kbp = &raw_kb;
     static const char tag[] = "dsgate-raw-v1";
 
-    kb.len = 0;
-    if (keybuf_field(&kb, tag, sizeof(tag) - 1) < 0 || keybuf_field(&kb, group, strlen(group)) < 0 ||
-        keybuf_field(&kb, method, strlen(method)) < 0 ||
-        keybuf_field(&kb, path, strlen(path)) < 0 ||
-        keybuf_field(&kb, credential ? credential : "", credential ? strlen(credential) : 0) < 0 ||
-        keybuf_field(&kb, body, len) < 0) {
+    kbp->len = 0;
+    if (keybuf_field(kbp, tag, sizeof(tag) - 1) < 0 || keybuf_field(kbp, group, strlen(group)) < 0 ||
+        keybuf_field(kbp, method, strlen(method)) < 0 ||
+        keybuf_field(kbp, path, strlen(path)) < 0 ||
+        keybuf_field(kbp, credential ? credential : "", credential ? strlen(credential) : 0) < 0 ||
+        keybuf_field(kbp, body, len) < 0) {
         return -1;
     }
-    return sha256(kb.p, kb.len, out);
+    return keybuf_digest(kbp, out);
 }
 
 void

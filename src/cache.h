@@ -53,6 +53,8 @@ int cache_raw_key(const char *group, const char *method, const char *path, const
                   size_t len, const char *credential, uint8_t out[CACHE_KEY_LEN]);
 
 /* Hex form of a key: 64 characters and a NUL. */
+/* Bytes the key builders keep between calls (a large body's are given back). */
+size_t cache_keybuf_bytes(void);
 void cache_key_hex(const uint8_t key[CACHE_KEY_LEN], char out[2 * CACHE_KEY_LEN + 1]);
 
 /* A new entry with one reference; copies CTYPE and BODY.  NULL on OOM. */

@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 
 struct scan {
     const unsigned char *p, *end, *start;
@@ -211,11 +212,121 @@ top_is_object(const uint8_t *stack, int depth)
     return stack[(depth - 1) / 8] & (1u << ((depth - 1) % 8));
 }
 
+/* Append code point CP to OUT as UTF-8; false when it does not fit. */
+static bool
+put_utf8(uint32_t cp, char *out, size_t cap, size_t *len)
+{
+    unsigned char b[4];
+    size_t k;
+
+    if (cp < 0x80) {
+        b[0] = (unsigned char)cp;
+        k = 1;
+    } else if (cp < 0x800) {
+        b[0] = (unsigned char)(0xc0 | (cp >> 6));
+        b[1] = (unsigned char)(0x80 | (cp & 0x3f));
+        k = 2;
+    } else if (cp < 0x10000) {
+        b[0] = (unsigned char)(0xe0 | (cp >> 12));
+        b[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3f));
+        b[2] = (unsigned char)(0x80 | (cp & 0x3f));
+        k = 3;
+    } else {
+        b[0] = (unsigned char)(0xf0 | (cp >> 18));
+        b[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3f));
+        b[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3f));
+        b[3] = (unsigned char)(0x80 | (cp & 0x3f));
+        k = 4;
+    }
+    if (*len + k >= cap) {
+        return false;
+    }
+    for (size_t i = 0; i < k; i++) {
+        out[(*len)++] = (char)b[i];
+    }
+    return true;
+}
+
+static uint32_t
+hexval(const char *p)
+{
+    uint32_t v = 0;
+
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        v = v * 16 + (uint32_t)(c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10);
+    }
+    return v;
+}
+
+int
+jscan_string_decode(const char *p, size_t n, char *out, size_t cap)
+{
+    size_t len = 0;
+
+    if (n < 2 || p[0] != '"' || p[n - 1] != '"' || cap == 0) {
+        return -1;
+    }
+    for (size_t i = 1; i < n - 1;) {
+        unsigned char c = (unsigned char)p[i];
+        if (c != '\\') {
+            if (len + 1 >= cap) {
+                return -1;
+            }
+            out[len++] = (char)c;
+            i++;
+            continue;
+        }
+        char e = p[i + 1];
+        i += 2;
+        uint32_t cp;
+        switch (e) {
+        case '"': cp = '"'; break;
+        case '\\': cp = '\\'; break;
+        case '/': cp = '/'; break;
+        case 'b': cp = '\b'; break;
+        case 'f': cp = '\f'; break;
+        case 'n': cp = '\n'; break;
+        case 'r': cp = '\r'; break;
+        case 't': cp = '\t'; break;
+        case 'u':
+            cp = hexval(p + i);
+            i += 4;
+            if (cp >= 0xd800 && cp <= 0xdbff && i + 6 <= n - 1 && p[i] == '\\' && p[i + 1] == 'u') {
+                uint32_t lo = hexval(p + i + 2);
+                if (lo < 0xdc00 || lo > 0xdfff) {
+                    return -1; /* a lone high surrogate */
+                }
+                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+                i += 6;
+            } else if (cp >= 0xd800 && cp <= 0xdfff) {
+                return -1; /* a lone surrogate: no string any parser agrees on */
+            }
+            break;
+        default:
+            return -1;
+        }
+        if (cp == 0 || !put_utf8(cp, out, cap, &len)) {
+            return -1; /* NUL: a C string cannot carry it */
+        }
+    }
+    out[len] = '\0';
+    return (int)len;
+}
+
 int
 jscan_object(const char *buf, size_t n, const char **what, size_t *at)
 {
+    return jscan_object_member(buf, n, NULL, NULL, what, at);
+}
+
+int
+jscan_object_member(const char *buf, size_t n, const char *key, struct jscan_member *m,
+                    const char **what, size_t *at)
+{
     struct scan s = {(const unsigned char *)buf, (const unsigned char *)buf + n,
                      (const unsigned char *)buf, NULL};
+    bool want = false; /* the value being scanned is KEY's */
     uint8_t stack[JSCAN_MAX_DEPTH / 8]; /* bit set: an object, clear: an array */
     enum { FIRST, NEXT, AFTER } st = FIRST; /* after '{' or '[', after ',', after a value */
     int depth = 1;
@@ -228,6 +339,11 @@ jscan_object(const char *buf, size_t n, const char **what, size_t *at)
     }
     s.p++;
     stack[0] = 1;
+    if (m) {
+        m->count = 0;
+        m->off = m->len = 0;
+        m->is_string = false;
+    }
     while (depth > 0) {
         bool obj = top_is_object(stack, depth);
         unsigned char close = obj ? '}' : ']';
@@ -256,8 +372,15 @@ jscan_object(const char *buf, size_t n, const char **what, size_t *at)
                 s.what = "member name expected";
                 goto out;
             }
+            const unsigned char *name = s.p;
             if (string(&s) < 0) {
                 goto out;
+            }
+            if (m && depth == 1) {
+                char dec[64];
+                int dl = jscan_string_decode((const char *)name, (size_t)(s.p - name), dec,
+                                             sizeof(dec));
+                want = dl >= 0 && strcmp(dec, key) == 0;
             }
             skip_ws(&s);
             if (s.p >= s.end || *s.p != ':') {
@@ -268,8 +391,16 @@ jscan_object(const char *buf, size_t n, const char **what, size_t *at)
             skip_ws(&s);
         }
         char open;
+        const unsigned char *v = s.p;
         if (value(&s, &open) < 0) {
             goto out;
+        }
+        if (want) {
+            want = false;
+            m->count++;
+            m->off = (size_t)(v - s.start);
+            m->len = (size_t)(s.p - v);
+            m->is_string = !open && *v == '"';
         }
         if (!open) {
             st = AFTER;

@@ -1,6 +1,8 @@
 /*
  * lookup: how the cache sees a request (see lookup.h).
  */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -33,18 +35,50 @@ lookup_directives(const struct http_req *hreq, bool *no_store, bool *no_cache)
     }
 }
 
-/* The client's credential in the cache key, or NULL (cache.shared). */
-static const char *
-cache_credential(const struct gateway *gw, const struct http_req *hreq)
+/*
+ * Every credential header the client sent (Authorization, x-api-key as the
+ * Anthropic SDKs send it, api-key as Azure-style clients do), length-
+ * prefixed so no two sets collide: the cache and coalescing scope.  NULL
+ * with cache.shared (or out of memory, then nothing is shared: the
+ * caller's key fails).  The caller frees it.
+ */
+static char *
+cache_credential(const struct gateway *gw, const struct http_req *hreq, bool *failed)
 {
-    return gw->conf->cache.shared ? NULL : http_req_header(hreq, "Authorization");
+    static const char *const names[] = {"Authorization", "x-api-key", "api-key"};
+    size_t n = 0;
+
+    *failed = false;
+    if (gw->conf->cache.shared) {
+        return NULL;
+    }
+    for (size_t i = 0; i < 3; i++) {
+        const char *v = http_req_header(hreq, names[i]);
+        n += 24 + (v ? strlen(v) : 0);
+    }
+    char *out = malloc(n + 1), *p = out;
+    if (!out) {
+        *failed = true;
+        return NULL;
+    }
+    for (size_t i = 0; i < 3; i++) {
+        const char *v = http_req_header(hreq, names[i]);
+        p += sprintf(p, "%zu:%s;", v ? strlen(v) : (size_t)0, v ? v : "");
+    }
+    return out;
 }
 
 int
 lookup_raw_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACHE_KEY_LEN])
 {
-    return cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body, hreq->body_len,
-                         cache_credential(gw, hreq), key);
+    bool failed;
+    char *cred = cache_credential(gw, hreq, &failed);
+    int rc = failed ? -1
+                    : cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body,
+                                    hreq->body_len, cred, key);
+
+    free(cred);
+    return rc;
 }
 
 bool
@@ -52,9 +86,7 @@ lookup_known_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CA
 {
     uint8_t raw[CACHE_KEY_LEN];
 
-    return cache_raw_key(gw->cache_group, hreq->method, hreq->target, hreq->body,
-                         hreq->body_len, cache_credential(gw, hreq), raw) == 0 &&
-           cache_alias_get(gw->mem, raw, key);
+    return lookup_raw_key(gw, hreq, raw) == 0 && cache_alias_get(gw->mem, raw, key);
 }
 
 void
@@ -62,8 +94,8 @@ lookup_prepare(struct request *r, const struct http_req *hreq, const void *doc,
             const uint8_t *known_key)
 {
     struct gateway *gw = r->gw;
-    bool no_store, no_cache;
-    const char *cred = cache_credential(gw, hreq);
+    bool no_store, no_cache, failed;
+    char *cred = cache_credential(gw, hreq, &failed);
     uint8_t raw[CACHE_KEY_LEN];
 
     lookup_directives(hreq, &no_store, &no_cache);
@@ -74,14 +106,16 @@ lookup_prepare(struct request *r, const struct http_req *hreq, const void *doc,
     r->cache_status = no_store ? CS_BYPASS : CS_MISS;
     if (r->store_ok && known_key) {
         memcpy(r->key, known_key, CACHE_KEY_LEN); /* these bytes were keyed before */
-    } else if (r->store_ok &&
-               (!doc || cache_key(gw->cache_group, r->method, r->target, doc, cred, r->key) < 0)) {
+    } else if (r->store_ok && (failed || !doc ||
+                               cache_key(gw->cache_group, r->method, r->target, doc, cred,
+                                         r->key) < 0)) {
         r->store_ok = r->lookup = r->may_join = false;
         r->cache_status = CS_BYPASS;
     } else if (r->store_ok && cache_raw_key(gw->cache_group, r->method, r->target, hreq->body,
                                             hreq->body_len, cred, raw) == 0) {
         cache_alias_put(gw->mem, raw, r->key); /* the same bytes again skip the parse */
     }
+    free(cred);
 }
 
 bool

@@ -335,6 +335,10 @@ cur_head(struct request *r, const struct attempt_head_info *h)
     } /* a 200 is judged at its first data byte (dispatch_first_data) */
     r->status = status;
     enum route_outcome oc = route_classify_status(status);
+    if (oc == ROUTE_AUTH_FAILURE && !r->att->up->auth_header) {
+        /* the client's own key: its problem, never the upstream's circuit, never replayed */
+        oc = ROUTE_NEUTRAL;
+    }
     snprintf(reason, sizeof(reason), "%d", status);
     dispatch_circuit(r, oc, reason);
     if (oc == ROUTE_AUTH_FAILURE && dispatch_alternative(r) && can_retry(r, 0)) {
@@ -548,7 +552,8 @@ fill_spec(const struct request *r, struct attempt_spec *spec)
         .body = r->body,
         .body_len = r->body_len,
         .model = r->model,
-        .doc = r->doc,
+        .model_off = r->model_off,
+        .model_len = r->model_len,
         .ch = &r->ch,
         .count_usage = r->cache_path,
     };
@@ -1086,7 +1091,6 @@ request_unref(struct request *r)
     free(r->path);
     free(r->target);
     free(r->model);
-    json_decref(r->doc);
     free(r);
 }
 
@@ -1238,8 +1242,8 @@ on_store_reply(void *arg, struct cache_entry *e)
 }
 
 void
-request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const void *doc,
-              bool cache_path, const uint8_t *known_key)
+request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, bool cache_path,
+              const struct request_body_info *bi)
 {
     struct request *r = request_new(gw, hreq, prio);
 
@@ -1249,22 +1253,20 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, const v
     http_req_set_callbacks(hreq, on_client_close, on_client_drain, r);
     r->cache_path = cache_path;
     if (cache_path && gw->conf->cache.enabled) {
-        lookup_prepare(r, hreq, doc, known_key);
+        lookup_prepare(r, hreq, bi->doc, bi->known_key);
     }
     if (client_headers_copy(&r->ch, hreq, r->cacheable) < 0) {
         reply_fail(r, 500, "out_of_memory", "out of memory", END_INTERNAL);
         request_end(r);
         return;
     }
-    r->want_sse = cache_path && lookup_wants_stream(doc, hreq->body, hreq->body_len);
+    r->want_sse = cache_path && lookup_wants_stream(bi->doc, hreq->body, hreq->body_len);
     r->body = http_req_take_body(hreq, &r->body_len);
     keepalive_arm(r);
-    const json_t *model = doc ? json_object_get(doc, "model") : NULL;
-    if (json_is_string(model)) {
-        r->model = strdup(json_string_value(model));
-        if (gw->has_aliases) {
-            r->doc = json_incref((json_t *)doc);
-        }
+    if (bi->model) {
+        r->model = strdup(bi->model); /* no routing by model if this fails */
+        r->model_off = bi->model_off;
+        r->model_len = bi->model_len;
     }
     if (r->lookup) {
         struct cache_entry *e = cache_mem_get(gw->mem, r->key, cache_now_ms());

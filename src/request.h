@@ -69,7 +69,7 @@ struct request {
     char *body;
     size_t body_len;
     char *model; /* the client's "model", or NULL */
-    json_t *doc; /* parsed body, kept when a model may be renamed */
+    size_t model_off, model_len; /* its JSON string in BODY, for a rename */
     struct client_headers ch; /* what of the client's headers goes upstream */
 
     /* the reply */
@@ -169,12 +169,21 @@ enum req_end request_left_end(enum req_state state, bool data_sent);
 /* ---- for the gateway ---- */
 
 /*
- * Proxy an admitted request.  Takes over REQ.  DOC is its parsed JSON body
- * (borrowed) or NULL; CACHE_PATH: on cache.paths; KNOWN_KEY: its cache key
- * from lookup_known_key() or lookup_raw_key(), or NULL.
+ * What the front door learnt of a request's body: its parsed tree for the
+ * canonical cache key (borrowed, or NULL), its cache key when known, and
+ * the top-level "model" from the validity check (the same parse routing
+ * and renaming use).
  */
-void request_start(struct gateway *gw, struct http_req *req, enum prio prio, const void *doc,
-                   bool cache_path, const uint8_t *known_key);
+struct request_body_info {
+    const void *doc;
+    const uint8_t *known_key; /* from lookup_known_key() or lookup_raw_key(), or NULL */
+    const char *model;        /* decoded, or NULL */
+    size_t model_off, model_len;
+};
+
+/* Proxy an admitted request.  Takes over REQ.  CACHE_PATH: on cache.paths. */
+void request_start(struct gateway *gw, struct http_req *req, enum prio prio, bool cache_path,
+                   const struct request_body_info *bi);
 /* Set up and tear down what requests share: the flight table, the reaper. */
 int request_setup(struct gateway *gw);
 void request_teardown(struct gateway *gw);

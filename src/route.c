@@ -88,11 +88,20 @@ circuit_on_result(struct circuit *c, enum route_outcome o, const char *reason, i
         c->reason[0] = '\0';
         break;
     case ROUTE_AUTH_FAILURE:
+        /* a failed probe doubles the wait; a first one starts it */
+        c->auth_cooldown_ms = c->state == CIRCUIT_HALF_OPEN && c->auth
+                                  ? (c->auth_cooldown_ms * 2 > ROUTE_AUTH_COOLDOWN_MAX_MS
+                                         ? ROUTE_AUTH_COOLDOWN_MAX_MS
+                                         : c->auth_cooldown_ms * 2)
+                                  : ROUTE_AUTH_COOLDOWN_MS;
         c->auth = true;
         c->failures++;
-        circuit_open(c, ROUTE_AUTH_COOLDOWN_MS, reason, now_us);
+        circuit_open(c, c->auth_cooldown_ms, reason, now_us);
         break;
     case ROUTE_FAILURE:
+        if (c->state == CIRCUIT_OPEN && c->auth) {
+            break; /* a late failure of an earlier attempt: the account is still the cause */
+        }
         c->failures++;
         c->auth = false;
         if (c->state == CIRCUIT_HALF_OPEN) {

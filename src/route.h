@@ -10,7 +10,11 @@
  * on each failed probe (ROUTE_COOLDOWN_MS up to ROUTE_COOLDOWN_MAX_MS);
  * when the cooldown ends it is half open and lets a single probe through;
  * a success closes it.  401, 402 and 403 open it at once for
- * ROUTE_AUTH_COOLDOWN_MS: the account, not the server, is at fault.
+ * ROUTE_AUTH_COOLDOWN_MS, doubling on each failed probe up to
+ * ROUTE_AUTH_COOLDOWN_MAX_MS: the account, not the server, is at fault,
+ * and a key fixed or a balance topped up is found by the next probe.  A
+ * late failure of an earlier attempt does not turn an auth-open circuit
+ * into a failure-open one.
  *
  * Selection among eligible, usable upstreams with a free slot: `failover`
  * takes the first in list order (overflowing to the next when one is at
@@ -34,7 +38,8 @@
 #define ROUTE_TRIP_FAILURES    5
 #define ROUTE_COOLDOWN_MS      5000
 #define ROUTE_COOLDOWN_MAX_MS  120000
-#define ROUTE_AUTH_COOLDOWN_MS 300000
+#define ROUTE_AUTH_COOLDOWN_MS     30000
+#define ROUTE_AUTH_COOLDOWN_MAX_MS 300000
 
 struct evbuffer;
 
@@ -47,6 +52,7 @@ struct circuit {
     int64_t cooldown_ms;
     bool probe_inflight;
     bool auth;       /* opened by 401/402/403 */
+    int64_t auth_cooldown_ms;
     char reason[16]; /* "503", "timeout", "402", ... */
 };
 

@@ -249,55 +249,78 @@ server_handle(struct http_req *req, void *arg)
         return;
     }
     /*
-     * Bodies are parsed on the JSON endpoints (cache.paths: invalid JSON is
-     * a 400) and, when model aliases route requests, on any JSON POST
-     * (leniently).  Other requests pass through unparsed.
+     * Bodies are checked on the JSON endpoints (cache.paths: invalid JSON is
+     * a 400) and, when upstreams route by model, on any JSON POST
+     * (leniently).  Other requests pass through unparsed.  The top-level
+     * "model" that routing and renaming use comes from the same pass as the
+     * check (jscan): what the check accepts is what routing reads, and no
+     * tree is built for it, however large the body.  A jansson tree is
+     * built for the canonical cache key only (bodies up to CACHE_PARSE_MAX).
      */
     json_t *doc = NULL;
     bool cache_path = strcmp(req->method, "POST") == 0 && path_is(c, req->path);
     bool no_store = false, no_cache = false;
     lookup_directives(req, &no_store, &no_cache);
-    /*
-     * The tree is built for the canonical cache key (bodies up to
-     * CACHE_PARSE_MAX) and for model routing only.  jscan checks every body
-     * first: it is strict (jansson lets a NUL end its input) and quick even
-     * for megabytes.
-     */
     bool want_key = c->cache.enabled && !no_store;
     bool canonical = want_key && req->body_len <= CACHE_PARSE_MAX;
-    bool need_doc = gw->has_aliases || canonical;
+    bool need_model = gw->has_aliases;
+    struct jscan_member mm = {0};
     uint8_t key[32];
-    bool known = cache_path && canonical && !gw->has_aliases && lookup_known_key(gw, req, key);
+    bool known = cache_path && canonical && !need_model && lookup_known_key(gw, req, key);
+    bool scanned = false;
     if (cache_path && !known) {
         const char *what;
         size_t at;
-        if (jscan_object(req->body, req->body_len, &what, &at) < 0) {
+        if (jscan_object_member(req->body, req->body_len, "model", need_model ? &mm : NULL, &what,
+                                &at) < 0) {
             char msg[256];
             snprintf(msg, sizeof(msg), "request body is not a valid JSON object: %s at byte %zu",
                      what, at);
             reject(req, prio, 400, "invalid_request_error", "invalid_json", msg);
             return;
         }
-        if (need_doc) {
-            doc = json_loadb(req->body, req->body_len, 0, NULL);
+        scanned = need_model;
+        if (canonical) {
+            doc = json_loadb(req->body, req->body_len, JSON_ALLOW_NUL, NULL);
             if (doc && !json_is_object(doc)) {
                 json_decref(doc);
                 doc = NULL;
             }
-        }
-        if (want_key && !canonical) {
+            if (!doc) {
+                /* valid JSON jansson cannot hold (a lone surrogate): keyed by its exact bytes */
+                known = lookup_raw_key(gw, req, key) == 0;
+            }
+        } else if (want_key) {
             known = lookup_raw_key(gw, req, key) == 0; /* keyed by its exact bytes */
         }
-    } else if (gw->has_aliases && req->body_len > 0 && strcmp(req->method, "POST") == 0) {
+    } else if (need_model && req->body_len > 0 && strcmp(req->method, "POST") == 0) {
         const char *ct = http_req_header(req, "Content-Type");
-        if (ct && strncasecmp(ct, "application/json", 16) == 0) {
-            doc = json_loadb(req->body, req->body_len, 0, NULL);
-            if (doc && !json_is_object(doc)) {
-                json_decref(doc);
-                doc = NULL;
-            }
-        }
+        const char *what;
+        size_t at;
+        scanned = ct && strncasecmp(ct, "application/json", 16) == 0 &&
+                  jscan_object_member(req->body, req->body_len, "model", &mm, &what, &at) == 0;
     }
-    request_start(gw, req, prio, doc, cache_path, known ? key : NULL);
+    char model[256];
+    struct request_body_info bi = {.doc = doc, .known_key = known ? key : NULL};
+    if (scanned && mm.count > 1) {
+        reject(req, prio, 400, "invalid_request_error", "invalid_model",
+               "\"model\" appears more than once");
+        json_decref(doc);
+        return;
+    }
+    if (scanned && mm.count == 1) {
+        if (!mm.is_string ||
+            jscan_string_decode(req->body + mm.off, mm.len, model, sizeof(model)) < 0) {
+            reject(req, prio, 400, "invalid_request_error", "invalid_model",
+                   "\"model\" must be a string of at most 255 bytes without NUL or lone "
+                   "surrogates");
+            json_decref(doc);
+            return;
+        }
+        bi.model = model;
+        bi.model_off = mm.off;
+        bi.model_len = mm.len;
+    }
+    request_start(gw, req, prio, cache_path, &bi);
     json_decref(doc);
 }

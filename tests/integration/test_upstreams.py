@@ -83,9 +83,9 @@ def closed_port_url():
     return port, "http://127.0.0.1:%d" % port
 
 
-def upstream(name, url, weight=1, max_inflight=64, models=None):
+def upstream(name, url, weight=1, max_inflight=64, models=None, key_env=None):
     return {"name": name, "url": url, "weight": weight, "max_inflight": max_inflight,
-            "models": models}
+            "models": models, "key_env": key_env}
 
 
 def config(port, ups, routing="failover", attempts=5, base="20ms", cap="2s", jitter="full",
@@ -101,6 +101,7 @@ def config(port, ups, routing="failover", attempts=5, base="20ms", cap="2s", jit
             "  - name: %s" % u["name"],
             "    url: %s" % H.yaml_quote(u["url"]),
             "    max_inflight: %d" % u["max_inflight"],
+            "    api_key_env: %s" % (u.get("key_env") or '""'),
             "    adaptive: false",
             "    weight: %d" % u["weight"],
             "    timeouts: {connect: 2s, first_data: 20s, idle: 20s, total: 0}",
@@ -134,7 +135,8 @@ def config(port, ups, routing="failover", attempts=5, base="20ms", cap="2s", jit
 
 def dsgate(ups, tag, **cfg):
     port = H.free_port()
-    d = H.Dsgate(config_text=config(port, ups, **cfg), tag="upstreams-" + tag, port=port)
+    d = H.Dsgate(config_text=config(port, ups, **cfg), tag="upstreams-" + tag, port=port,
+                 env={"DSGATE_TEST_KEY": "sk-test-injected-key-0001"})
     STARTED.append(d)
     return d
 
@@ -408,7 +410,10 @@ def t_auth_402_fails_over():
     the upstream; the client is served by the next upstream."""
     pay = fake("--status", "402", name="pay")
     good = fake(name="good")
-    d = dsgate([upstream("pay", pay.url), upstream("good", good.url)], "402-failover")
+    # dsgate's own key (injected-key mode): a 402 is the account's, so it opens the
+    # circuit; with clients' own keys it would be that client's answer only (issue 14)
+    d = dsgate([upstream("pay", pay.url, key_env="DSGATE_TEST_KEY"),
+                upstream("good", good.url, key_env="DSGATE_TEST_KEY")], "402-failover")
     t0 = time.monotonic()
     r = post(d.port)
     dt = time.monotonic() - t0
@@ -449,7 +454,8 @@ def t_auth_402_only_fails_fast():
     """With only the 402 upstream: the first request gets its 402; later
     ones get the same answer at once, without calling it again."""
     pay = fake("--status", "402", name="pay")
-    d = dsgate([upstream("pay", pay.url)], "402-only", max_wait="30s", base="2s")
+    d = dsgate([upstream("pay", pay.url, key_env="DSGATE_TEST_KEY")], "402-only",
+               max_wait="30s", base="2s")
     first = post(d.port)
     check(first.status == 402, "first request: %s %r", first.status, first.body[:200])
     check(H.openai_error_shape(first) is None, "402 body: %s", H.openai_error_shape(first))
@@ -517,7 +523,11 @@ def t_model_alias():
           r.header("x-dsgate-upstream"))
     e = alias.find(t)
     check(e, "the alias fake has no request %s", t)
-    check('"model":"DeepSeek-R1"' in e["body"], "alias fake received %r", e["body"][:300])
+    # only the model's string is replaced; every other byte is the client's (issue 14)
+    sent_bytes = json.dumps(sent)
+    check(e["body"] == sent_bytes.replace('"deepseek-v4-pro"', '"DeepSeek-R1"', 1),
+          "alias fake received %r, want the client's bytes with the model renamed",
+          e["body"][:300])
     got = json.loads(e["body"])
     want = dict(sent, model="DeepSeek-R1")
     check(got == want, "alias fake received %r, want %r", got, want)
@@ -536,7 +546,7 @@ def t_model_alias():
     check(st.error is None and st.resp is not None and st.resp.status == 200,
           "stream: %s %s", st.error, st.resp)
     e = alias.find(t)
-    check(e and '"model":"DeepSeek-R1"' in e["body"], "alias fake received %r",
+    check(e and json.loads(e["body"]).get("model") == "DeepSeek-R1", "alias fake received %r",
           e and e["body"][:300])
     check(b"DeepSeek-R1" not in st.raw, "stream names DeepSeek-R1: %r", st.raw[:400])
     chunks = st.chunks()

@@ -1046,7 +1046,30 @@ static void test_mem_refs_outlive(void **state)
     cache_entry_unref(held);
 }
 
-int main(void)
+/* A large body keyed once does not pin its buffer (issue 14). */
+static void
+test_keybuf_released(void **state)
+{
+    uint8_t k1[CACHE_KEY_LEN], k2[CACHE_KEY_LEN];
+    size_t big = 8u << 20;
+    char *body = malloc(big);
+
+    (void)state;
+    assert_non_null(body);
+    memset(body, 'x', big);
+    assert_int_equal(cache_raw_key("g", "POST", "/v1/chat/completions", body, big, "cred", k1), 0);
+    assert_true(cache_keybuf_bytes() <= 2 * 256 * 1024);
+    /* the same bytes key the same again, from a fresh buffer */
+    assert_int_equal(cache_raw_key("g", "POST", "/v1/chat/completions", body, big, "cred", k2), 0);
+    assert_memory_equal(k1, k2, CACHE_KEY_LEN);
+    /* a small one keeps its buffer for the next request */
+    assert_int_equal(cache_raw_key("g", "POST", "/p", "{}", 2, NULL, k1), 0);
+    assert_true(cache_keybuf_bytes() > 0);
+    free(body);
+}
+
+int
+main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key_hex),
@@ -1070,6 +1093,7 @@ int main(void)
         cmocka_unit_test(test_mem_configure),
         cmocka_unit_test(test_mem_same_bucket),
         cmocka_unit_test(test_mem_refs_outlive),
+        cmocka_unit_test(test_keybuf_released),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1062,13 +1062,8 @@ test_auth_blocked(void **state)
          CIRCUIT_HALF_OPEN},
         {"single upstream auth-open", 1, {AUTHB, CL}, {NULL, NULL}, NULL, 0, CIRCUIT_OPEN},
         {"nobody eligible: not blocked", 2, {AUTHB, AUTHB}, {"x", "x"}, "z", -1, CIRCUIT_OPEN},
-        /*
-         * CURRENT behaviour, suspected bug (route.c circuit_on_result): a
-         * failure arriving while the circuit is auth-open clears c->auth but
-         * keeps the 300 s auth cooldown, so requests wait (504 at max_wait)
-         * instead of getting the kept 401.  Flip to 0 when fixed.
-         */
-        {"auth-open, then a late failure", 1, {AUTHF, CL}, {NULL, NULL}, NULL, -1, CIRCUIT_OPEN},
+        /* a late failure of an earlier attempt leaves it auth-open: the kept 401 is answered */
+        {"auth-open, then a late failure", 1, {AUTHF, CL}, {NULL, NULL}, NULL, 0, CIRCUIT_OPEN},
         /* clang-format on */
     };
 

@@ -293,7 +293,8 @@ test_circuit_init_and_names(void **state)
     assert_int_equal(ROUTE_TRIP_FAILURES, 5);
     assert_int_equal(ROUTE_COOLDOWN_MS, 5000);
     assert_int_equal(ROUTE_COOLDOWN_MAX_MS, 120000);
-    assert_int_equal(ROUTE_AUTH_COOLDOWN_MS, 300000);
+    assert_int_equal(ROUTE_AUTH_COOLDOWN_MS, 30000);   /* probe well before 5 min (issue 14) */
+    assert_int_equal(ROUTE_AUTH_COOLDOWN_MAX_MS, 300000);
 }
 
 /* A long reason is cut to fit and stays a C string. */
@@ -767,6 +768,39 @@ test_rewrite_long_stream(void **state)
     free(want);
 }
 
+/* An auth-open circuit probes after 30 s, doubling per failed probe to 5 min; a success closes it. */
+static void
+test_circuit_auth_probe_backoff(void **state)
+{
+    struct circuit c;
+    int64_t t = T0;
+
+    (void)state;
+    circuit_init(&c);
+    circuit_on_result(&c, ROUTE_AUTH_FAILURE, "402", t);
+    assert_int_equal(c.open_until_us - t, (int64_t)ROUTE_AUTH_COOLDOWN_MS * 1000);
+    int64_t want = ROUTE_AUTH_COOLDOWN_MS;
+    for (int i = 0; i < 6; i++) {
+        t = c.open_until_us;
+        assert_true(circuit_usable(&c, t)); /* half open: a probe */
+        circuit_on_send(&c);
+        circuit_on_result(&c, ROUTE_AUTH_FAILURE, "402", t);
+        want = want * 2 > ROUTE_AUTH_COOLDOWN_MAX_MS ? ROUTE_AUTH_COOLDOWN_MAX_MS : want * 2;
+        assert_int_equal(c.open_until_us - t, want * 1000);
+    }
+    /* a late 503 of an earlier attempt does not make it a failure-open circuit */
+    circuit_on_result(&c, ROUTE_FAILURE, "503", t + 1);
+    assert_true(c.auth);
+    assert_int_equal(c.state, CIRCUIT_OPEN);
+    t = c.open_until_us;
+    assert_true(circuit_usable(&c, t));
+    circuit_on_result(&c, ROUTE_SUCCESS, "200", t); /* the balance was topped up */
+    assert_int_equal(c.state, CIRCUIT_CLOSED);
+    assert_false(c.auth);
+    circuit_on_result(&c, ROUTE_AUTH_FAILURE, "402", t + 5);
+    assert_int_equal(c.open_until_us - (t + 5), (int64_t)ROUTE_AUTH_COOLDOWN_MS * 1000);
+}
+
 int
 main(void)
 {
@@ -774,6 +808,7 @@ main(void)
         cmocka_unit_test(test_circuit_init_and_names),
         cmocka_unit_test(test_circuit_scripts),
         cmocka_unit_test(test_circuit_long_reason),
+        cmocka_unit_test(test_circuit_auth_probe_backoff),
         cmocka_unit_test(test_circuit_changed_flag),
         cmocka_unit_test(test_classify_status),
         cmocka_unit_test(test_model_for),
