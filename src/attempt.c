@@ -28,6 +28,7 @@
 #include "metrics.h"
 #include "reply.h"
 #include "retry.h"
+#include "uphead.h"
 #include "upstream.h"
 
 #define USAGE_TAIL   8192 /* the end of an answer, where "usage" is */
@@ -283,18 +284,16 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
     case AH_TAKE:
         break;
     }
+    /*
+     * dsgate frames the reply itself: the upstream's length only when it is
+     * the answer's sole framing (curl decoded any Transfer-Encoding), else
+     * chunked; the upstream's framing headers never go out.
+     */
+    clen = uphead_length(hdrs, n);
     for (size_t i = 0; i < n && no < ATTEMPT_MAX_HEADERS; i++) {
         const char *name = hdrs[i].name;
-        if (strcasecmp(name, "Content-Length") == 0) {
-            char *e;
-            errno = 0;
-            long long v = strtoll(hdrs[i].value, &e, 10);
-            if (errno == 0 && e != hdrs[i].value && *e == '\0' && v >= 0) {
-                clen = v;
-            }
-            continue;
-        }
-        if (is_hop_by_hop(name) || named_by_connection(conn, name)) {
+        if (strcasecmp(name, "Content-Length") == 0 || is_hop_by_hop(name) ||
+            named_by_connection(conn, name)) {
             continue;
         }
         out[no++] = hdrs[i];
