@@ -550,6 +550,9 @@ on_done(void *arg, enum up_result res, const char *detail)
     case UP_ABORTED:
         r.outcome = ATT_ABORTED;
         break;
+    case UP_INVALID:
+        r.outcome = ATT_INVALID;
+        break;
     }
     a->ops->done(a->owner, &r);
 }
@@ -701,6 +704,8 @@ attempt_outcome_label(enum attempt_outcome o, int status)
         return "timeout";
     case ATT_BROKEN:
         return "broken";
+    case ATT_INVALID:
+        return "invalid";
     case ATT_EMPTY:
         return "closed";
     case ATT_ABORTED:

@@ -142,6 +142,9 @@ static const struct outcome_rule rules[ATT_OUTCOMES] = {
                         "upstream sent no data within timeouts.first_data", END_UP_TIMEOUT},
     [ATT_IDLE] = {ROUTE_FAILURE, "idle", true, RS_NEVER, 504, "upstream_idle_timeout",
                   "upstream stream idle beyond timeouts.idle", END_UP_IDLE},
+    /* the upstream did answer (the request reached it): not a transport failure to retry */
+    [ATT_INVALID] = {ROUTE_FAILURE, "invalid", false, RS_NEVER, 502, "upstream_invalid_response",
+                     "upstream sent an invalid response", END_UP_ERROR},
 };
 
 const struct outcome_rule *
