@@ -261,6 +261,7 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         }
     }
     a->status = status;
+    a->encoded = uphead_encoded(hdrs, n);
     if (status == 401 || status == 402 || status == 403) {
         a->auth_failed = true;
     }
@@ -610,7 +611,7 @@ attempt_start(struct attempt *a, struct upstream_ctx *ctx, struct gw_upstream *u
     a->ops = ops;
     a->owner = owner;
     a->status = 0;
-    a->dropping = a->late = a->paused = a->auth_failed = a->held_told = false;
+    a->dropping = a->late = a->paused = a->auth_failed = a->held_told = a->encoded = false;
     a->tail_len = 0;
     if (a->errbody) {
         evbuffer_drain(a->errbody, evbuffer_get_length(a->errbody));

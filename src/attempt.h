@@ -135,6 +135,7 @@ struct attempt {
     size_t ws_dropped;
     bool head_deferred;
     bool held_told; /* ops.held ran for this attempt */
+    bool encoded;   /* the answer has a Content-Encoding (not identity): not shared */
     /* the body with the model renamed for this upstream, and the way back */
     char *send_body;
     size_t send_len;
