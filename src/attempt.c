@@ -271,6 +271,9 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         .ctype = ctype,
         .sse = ctype && strncasecmp(ctype, "text/event-stream", 17) == 0,
     };
+    if (!hi.sse && a->xfer) {
+        upstream_bound_body(a->xfer, a->up->conf->body_ms); /* its first byte to its end */
+    }
     switch (a->ops->head(a->owner, &hi)) {
     case AH_DROP:
         a->dropping = true; /* read and drop the body; keeps the connection */

@@ -212,6 +212,9 @@ xfer_release(struct up_xfer *x)
             curl_easy_cleanup(x->easy);
         }
     }
+    if (x->body_timer) {
+        event_free(x->body_timer);
+    }
     curl_slist_free_all(x->slist);
     free(x->hbuf);
     free(x);
@@ -348,6 +351,27 @@ header_cb(char *p, size_t size, size_t nmemb, void *arg)
     return len;
 }
 
+/* timeouts.body passed: end the transfer as timed out. */
+static void
+body_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct up_xfer *x = arg;
+    const struct up_callbacks *cb = x->cb;
+    void *cbarg = x->arg;
+
+    (void)fd;
+    (void)what;
+    curl_multi_remove_handle(x->ctx->multi, x->easy);
+    xfer_release(x);
+    cb->on_done(cbarg, UP_TIMEOUT, "the answer took longer than timeouts.body");
+}
+
+void
+upstream_bound_body(struct up_xfer *x, int64_t ms)
+{
+    x->body_ms = ms;
+}
+
 static size_t
 write_cb(char *p, size_t size, size_t nmemb, void *arg)
 {
@@ -356,6 +380,13 @@ write_cb(char *p, size_t size, size_t nmemb, void *arg)
 
     if (!x->head_done) {
         return len;
+    }
+    if (x->body_ms > 0 && !x->body_timer) {
+        x->body_timer = evtimer_new(x->ctx->base, body_timer_cb, x);
+        if (x->body_timer) {
+            struct timeval tv = {x->body_ms / 1000, (x->body_ms % 1000) * 1000};
+            evtimer_add(x->body_timer, &tv);
+        }
     }
     int r = x->cb->on_data(x->arg, p, len);
     if (r == UP_PAUSE) {

@@ -67,6 +67,12 @@ struct up_xfer *upstream_start(struct upstream_ctx *ctx, const struct up_request
 void upstream_cancel(struct up_xfer *x);
 /* Pause or resume receiving (back-pressure). Resuming may call on_data at once. */
 void upstream_pause(struct up_xfer *x, bool pause);
+/*
+ * From the next body byte on, the rest of the answer must come within MS
+ * (0: no bound); past it the transfer ends with UP_TIMEOUT.  Called from
+ * on_head.
+ */
+void upstream_bound_body(struct up_xfer *x, int64_t ms);
 
 const char *upstream_result_name(enum up_result r);
 
