@@ -400,6 +400,7 @@ cur_data(struct request *r, const char *p, size_t len)
         r->want_sse = r->hedge_sse;
         reply_early_head(r);
     }
+    bool mid_event = r->scan.mid_event;
     if (sse_scan_feed(&r->scan, p, len)) {
         int64_t now = http_now_us();
         if (r->racing) {
@@ -418,6 +419,8 @@ cur_data(struct request *r, const char *p, size_t len)
         set_state(r, REQ_STREAMING); /* the idle deadline from now */
     } else if (!r->data_sent && r->sse) {
         dispatch_held(r); /* keep-alive comments before data: the upstream queues it */
+    } else if (r->sse && r->state == REQ_STREAMING && (mid_event || r->scan.mid_event)) {
+        set_state(r, REQ_STREAMING); /* an event's bytes are flowing: not idle */
     }
     if (r->flight) {
         flight_append(r, p, len);
