@@ -28,6 +28,7 @@
 #include "metrics.h"
 #include "reply.h"
 #include "retry.h"
+#include "uphead.h"
 #include "upstream.h"
 
 #define USAGE_TAIL   8192 /* the end of an answer, where "usage" is */
@@ -285,6 +286,7 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         }
     }
     a->status = status;
+    a->encoded = uphead_encoded(hdrs, n);
     if ((status == 401 || status == 402 || status == 403) && a->up->auth_header) {
         a->auth_failed = true; /* dsgate's key: kept to answer while the circuit is open */
     }
@@ -294,6 +296,9 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         .ctype = ctype,
         .sse = ctype && strncasecmp(ctype, "text/event-stream", 17) == 0,
     };
+    if (!hi.sse && a->xfer) {
+        upstream_bound_body(a->xfer, a->up->conf->body_ms); /* its first byte to its end */
+    }
     switch (a->ops->head(a->owner, &hi)) {
     case AH_DROP:
         a->dropping = true; /* read and drop the body; keeps the connection */
@@ -308,18 +313,16 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
     case AH_TAKE:
         break;
     }
+    /*
+     * dsgate frames the reply itself: the upstream's length only when it is
+     * the answer's sole framing (curl decoded any Transfer-Encoding), else
+     * chunked; the upstream's framing headers never go out.
+     */
+    clen = uphead_length(hdrs, n);
     for (size_t i = 0; i < n && no < ATTEMPT_MAX_HEADERS; i++) {
         const char *name = hdrs[i].name;
-        if (strcasecmp(name, "Content-Length") == 0) {
-            char *e;
-            errno = 0;
-            long long v = strtoll(hdrs[i].value, &e, 10);
-            if (errno == 0 && e != hdrs[i].value && *e == '\0' && v >= 0) {
-                clen = v;
-            }
-            continue;
-        }
-        if (is_hop_by_hop(name) || named_by_connection(conn, name)) {
+        if (strcasecmp(name, "Content-Length") == 0 || is_hop_by_hop(name) ||
+            named_by_connection(conn, name)) {
             continue;
         }
         out[no++] = hdrs[i];
@@ -576,6 +579,9 @@ on_done(void *arg, enum up_result res, const char *detail)
     case UP_ABORTED:
         r.outcome = ATT_ABORTED;
         break;
+    case UP_INVALID:
+        r.outcome = ATT_INVALID;
+        break;
     }
     a->ops->done(a->owner, &r);
 }
@@ -633,7 +639,7 @@ attempt_start(struct attempt *a, struct upstream_ctx *ctx, struct gw_upstream *u
     a->ops = ops;
     a->owner = owner;
     a->status = 0;
-    a->dropping = a->late = a->paused = a->auth_failed = a->held_told = false;
+    a->dropping = a->late = a->paused = a->auth_failed = a->held_told = a->encoded = false;
     a->tail_len = 0;
     if (a->errbody) {
         evbuffer_drain(a->errbody, evbuffer_get_length(a->errbody));
@@ -727,6 +733,8 @@ attempt_outcome_label(enum attempt_outcome o, int status)
         return "timeout";
     case ATT_BROKEN:
         return "broken";
+    case ATT_INVALID:
+        return "invalid";
     case ATT_EMPTY:
         return "closed";
     case ATT_ABORTED:

@@ -34,7 +34,7 @@ struct http_header;
 struct up_xfer;
 struct upstream_ctx;
 
-/* How an attempt ended; the last two are the owner's deadlines. */
+/* How an attempt ended; FIRST_DATA and IDLE are the owner's deadlines. */
 enum attempt_outcome {
     ATT_OK,          /* a complete answer was passed on */
     ATT_DROPPED,     /* a complete answer read and dropped: its head asked for a retry */
@@ -46,6 +46,7 @@ enum attempt_outcome {
     ATT_EMPTY,       /* a 200 closed before any data byte (held, then closed): the owner's call */
     ATT_FIRST_DATA,  /* no data byte within timeouts.first_data */
     ATT_IDLE,        /* a stream silent beyond timeouts.idle */
+    ATT_INVALID,     /* the upstream answered something invalid (a bad or too large head) */
     ATT_OUTCOMES
 };
 
@@ -135,6 +136,7 @@ struct attempt {
     size_t ws_dropped;
     bool head_deferred;
     bool held_told; /* ops.held ran for this attempt */
+    bool encoded;   /* the answer has a Content-Encoding (not identity): not shared */
     /* the body with the model renamed for this upstream, and the way back */
     char *send_body;
     size_t send_len;

@@ -117,6 +117,7 @@ static const struct conf_key conf_timeout_keys[] = {
     {KEY("first_data", CT_DUR, U(first_data_ms), 0, MS_D, "600s")}, /* 0: none */
     {KEY("idle", CT_DUR, U(idle_ms), 0, MS_D, "120s")},             /* 0: none */
     {KEY("total", CT_DUR, U(total_ms), 0, MS_D, "0")},              /* 0: none */
+    {KEY("body", CT_DUR, U(body_ms), 0, MS_D, "600s")},             /* 0: none */
     {KEY("hedge_after", CT_DUR, U(hedge_after_ms), 0, MS_D, "0")},  /* 0: off */
     {.name = NULL},
 };

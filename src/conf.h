@@ -42,6 +42,7 @@ struct conf_upstream {
     int64_t first_data_ms; /* timeouts.first_data, 0: none */
     int64_t idle_ms;       /* timeouts.idle, 0: none */
     int64_t total_ms;      /* timeouts.total, 0: none */
+    int64_t body_ms;       /* timeouts.body: a non-stream answer's first byte to its end, 0: none */
     int64_t hedge_after_ms; /* timeouts.hedge_after, 0: no hedging */
     char *ca_file;         /* "" : system store */
     bool insecure;         /* skip TLS verification; loopback only */

@@ -11,7 +11,7 @@
  *     A ends ──flight_leave(ok)──> the answer is stored (memory, Redis,
  *         │                        fleet told); followers finish their
  *         │                        replay, then ops.follower_end(ok)
- *         └──flight_leave(!ok), a non-200 head, or K.buf over the cap:
+ *         └──flight_leave(!ok), a non-200 or encoded head, or K.buf over the cap:
  *              the flight dissolves: followers that started get its end
  *              as it is (ops.follower_end(false)); the others are let go
  *              (ops.follower_free) and the first of them leads again.
@@ -428,12 +428,21 @@ void
 flight_head(struct request *r, int status, const char *ctype)
 {
     struct flight *f = r->flight;
+    /*
+     * A follower or a cache hit is answered with the Content-Type only: an
+     * encoded answer (which the upstream should not have sent, shared
+     * requests go without Accept-Encoding) is neither shared nor stored.
+     */
+    bool encoded = r->att && r->att->encoded;
 
+    if (encoded) {
+        r->store_ok = false;
+    }
     if (!f || f->leader != r) {
         return;
     }
     snprintf(f->ctype, sizeof(f->ctype), "%s", ctype ? ctype : "application/json");
-    if (status != 200) {
+    if (status != 200 || encoded) {
         dissolve(f);
         return;
     }

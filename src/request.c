@@ -142,6 +142,9 @@ static const struct outcome_rule rules[ATT_OUTCOMES] = {
                         "upstream sent no data within timeouts.first_data", END_UP_TIMEOUT},
     [ATT_IDLE] = {ROUTE_FAILURE, "idle", true, RS_NEVER, 504, "upstream_idle_timeout",
                   "upstream stream idle beyond timeouts.idle", END_UP_IDLE},
+    /* the upstream did answer (the request reached it): not a transport failure to retry */
+    [ATT_INVALID] = {ROUTE_FAILURE, "invalid", false, RS_NEVER, 502, "upstream_invalid_response",
+                     "upstream sent an invalid response", END_UP_ERROR},
 };
 
 const struct outcome_rule *
@@ -401,6 +404,7 @@ cur_data(struct request *r, const char *p, size_t len)
         r->want_sse = r->hedge_sse;
         reply_early_head(r);
     }
+    bool mid_event = r->scan.mid_event;
     if (sse_scan_feed(&r->scan, p, len)) {
         int64_t now = http_now_us();
         if (r->racing) {
@@ -419,6 +423,8 @@ cur_data(struct request *r, const char *p, size_t len)
         set_state(r, REQ_STREAMING); /* the idle deadline from now */
     } else if (!r->data_sent && r->sse) {
         dispatch_held(r); /* keep-alive comments before data: the upstream queues it */
+    } else if (r->sse && r->state == REQ_STREAMING && (mid_event || r->scan.mid_event)) {
+        set_state(r, REQ_STREAMING); /* an event's bytes are flowing: not idle */
     }
     if (r->flight) {
         flight_append(r, p, len);

@@ -22,9 +22,11 @@
 
 #include "http.h"
 #include "log.h"
+#include "uphead.h"
 
 #define FREE_EASY_MAX    64
 #define MAX_RESP_HEADERS 128
+#define MAX_RESP_HEAD    (64 * 1024) /* bytes of one head, interim heads included */
 
 struct upstream_ctx {
     struct event_base *base;
@@ -43,6 +45,13 @@ struct up_xfer {
     bool head_done;
     bool aborted;
     bool paused;
+    bool status_seen; /* a status line came: the upstream answered */
+    bool want_status; /* the next header line is a status line */
+    const char *invalid; /* why the answer is invalid (UP_INVALID), or NULL */
+    size_t head_bytes;
+    /* timeouts.body: armed at the first body byte */
+    int64_t body_ms;
+    struct event *body_timer;
     /* the request body, handed to curl by read_cb (see upstream_start) */
     const char *body;
     size_t body_len, body_off;
@@ -141,6 +150,8 @@ upstream_result_name(enum up_result r)
         return "broken";
     case UP_ABORTED:
         return "aborted";
+    case UP_INVALID:
+        return "invalid";
     }
     return "unknown";
 }
@@ -172,6 +183,22 @@ classify(CURLcode rc)
     }
 }
 
+/*
+ * libcurl's errors for a head it received and refused: a malformed line
+ * (a NUL, no colon) or a line too large (7.88 says "out of memory" for it;
+ * 8.6 and later, CURLE_TOO_LARGE).
+ */
+static bool
+curl_rejected_head(CURLcode rc)
+{
+#if LIBCURL_VERSION_NUM >= 0x080600
+    if (rc == CURLE_TOO_LARGE) {
+        return true;
+    }
+#endif
+    return rc == CURLE_WEIRD_SERVER_REPLY || rc == CURLE_OUT_OF_MEMORY;
+}
+
 static void
 xfer_release(struct up_xfer *x)
 {
@@ -184,6 +211,9 @@ xfer_release(struct up_xfer *x)
         } else {
             curl_easy_cleanup(x->easy);
         }
+    }
+    if (x->body_timer) {
+        event_free(x->body_timer);
     }
     curl_slist_free_all(x->slist);
     free(x->hbuf);
@@ -206,10 +236,16 @@ check_done(struct upstream_ctx *ctx)
         curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&x);
         curl_multi_remove_handle(ctx->multi, easy);
         enum up_result res = x->aborted ? UP_ABORTED : classify(rc);
+        const char *detail = rc == CURLE_OK ? "" : curl_easy_strerror(rc);
+        if (x->invalid) {
+            res = UP_INVALID;
+            detail = x->invalid;
+        } else if (res == UP_BROKEN && x->status_seen && !x->head_done && curl_rejected_head(rc)) {
+            res = UP_INVALID; /* curl's own verdict on a head that came */
+        }
         if (res == UP_OK && !x->head_done) {
             res = UP_BROKEN;
         }
-        const char *detail = rc == CURLE_OK ? "" : curl_easy_strerror(rc);
         const struct up_callbacks *cb = x->cb;
         void *arg = x->arg;
         xfer_release(x);
@@ -238,42 +274,63 @@ hbuf_add(struct up_xfer *x, const char *s, size_t n)
     return 0;
 }
 
+/* The answer is invalid: stop the transfer (check_done reports UP_INVALID). */
+static size_t
+head_invalid(struct up_xfer *x, const char *why)
+{
+    x->invalid = why;
+    return 0;
+}
+
 static size_t
 header_cb(char *p, size_t size, size_t nmemb, void *arg)
 {
     struct up_xfer *x = arg;
-    size_t len = size * nmemb, n = len;
+    size_t len = size * nmemb;
 
     if (x->head_done) {
         return len; /* trailers: ignored */
     }
-    while (n > 0 && (p[n - 1] == '\n' || p[n - 1] == '\r')) {
-        n--;
+    x->head_bytes += len;
+    if (x->head_bytes > MAX_RESP_HEAD) {
+        return head_invalid(x, "response head too large");
     }
-    if (n >= 5 && strncmp(p, "HTTP/", 5) == 0) {
+    if (x->want_status || !x->status_seen) {
+        if (len < 5 || strncmp(p, "HTTP/", 5) != 0) {
+            return head_invalid(x, "no status line");
+        }
+        x->want_status = false;
+        x->status_seen = true;
         x->hlen = 0; /* a new head (after 1xx) */
         x->nresp = 0;
-        return len;
+        return len; /* libcurl parsed the status line */
     }
-    if (n > 0) {
-        const char *colon = memchr(p, ':', n);
-        if (!colon || x->nresp >= MAX_RESP_HEADERS) {
-            return len; /* not a field; ignore */
+    struct uphead_field f;
+    const char *why = NULL;
+    switch (uphead_line(p, len, &f, &why)) {
+    case UPHEAD_BAD:
+        return head_invalid(x, why);
+    case UPHEAD_FIELD:
+        if (x->nresp >= MAX_RESP_HEADERS) {
+            return head_invalid(x, "too many response header fields");
         }
-        const char *v = colon + 1, *e = p + n;
-        while (v < e && (*v == ' ' || *v == '\t')) {
-            v++;
-        }
-        if (hbuf_add(x, p, (size_t)(colon - p)) < 0 || hbuf_add(x, v, (size_t)(e - v)) < 0) {
+        if (hbuf_add(x, f.name, f.name_len) < 0 || hbuf_add(x, f.value, f.value_len) < 0) {
             return 0;
         }
         x->nresp++;
         return len;
+    case UPHEAD_END:
+        break;
     }
     /* the empty line: the head is complete unless it was informational */
     long status = 0;
     curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
     if (status >= 100 && status < 200) {
+        if (status != 100 && status != 102 && status != 103) {
+            /* 101 (nothing asked to switch) or an unknown 1xx: libcurl would wait on */
+            return head_invalid(x, "unsolicited informational response");
+        }
+        x->want_status = true;
         x->hlen = 0;
         x->nresp = 0;
         return len;
@@ -294,6 +351,27 @@ header_cb(char *p, size_t size, size_t nmemb, void *arg)
     return len;
 }
 
+/* timeouts.body passed: end the transfer as timed out. */
+static void
+body_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct up_xfer *x = arg;
+    const struct up_callbacks *cb = x->cb;
+    void *cbarg = x->arg;
+
+    (void)fd;
+    (void)what;
+    curl_multi_remove_handle(x->ctx->multi, x->easy);
+    xfer_release(x);
+    cb->on_done(cbarg, UP_TIMEOUT, "the answer took longer than timeouts.body");
+}
+
+void
+upstream_bound_body(struct up_xfer *x, int64_t ms)
+{
+    x->body_ms = ms;
+}
+
 static size_t
 write_cb(char *p, size_t size, size_t nmemb, void *arg)
 {
@@ -302,6 +380,13 @@ write_cb(char *p, size_t size, size_t nmemb, void *arg)
 
     if (!x->head_done) {
         return len;
+    }
+    if (x->body_ms > 0 && !x->body_timer) {
+        x->body_timer = evtimer_new(x->ctx->base, body_timer_cb, x);
+        if (x->body_timer) {
+            struct timeval tv = {x->body_ms / 1000, (x->body_ms % 1000) * 1000};
+            evtimer_add(x->body_timer, &tv);
+        }
     }
     int r = x->cb->on_data(x->arg, p, len);
     if (r == UP_PAUSE) {

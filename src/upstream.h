@@ -8,6 +8,8 @@
  *   on_head  once, when the final status and headers are in;
  *   on_data  for each piece of the body, may ask to pause;
  *   on_done  once, at the end, with the outcome.
+ * A head that is invalid (bytes that must not be forwarded, too large, an
+ * unsolicited 1xx) never reaches on_head: the transfer ends with UP_INVALID.
  * on_head and on_data must not cancel the transfer; they return
  * UP_ABORT instead, and on_done follows with UP_ABORTED.
  */
@@ -29,6 +31,7 @@ enum up_result {
     UP_TIMEOUT, /* connect or total timeout */
     UP_BROKEN,  /* reset, truncated or unparsable response */
     UP_ABORTED, /* a callback asked to stop */
+    UP_INVALID, /* the upstream answered, but its answer is invalid (see uphead.h) */
 };
 
 #define UP_CONTINUE 0
@@ -64,6 +67,12 @@ struct up_xfer *upstream_start(struct upstream_ctx *ctx, const struct up_request
 void upstream_cancel(struct up_xfer *x);
 /* Pause or resume receiving (back-pressure). Resuming may call on_data at once. */
 void upstream_pause(struct up_xfer *x, bool pause);
+/*
+ * From the next body byte on, the rest of the answer must come within MS
+ * (0: no bound); past it the transfer ends with UP_TIMEOUT.  Called from
+ * on_head.
+ */
+void upstream_bound_body(struct up_xfer *x, int64_t ms);
 
 const char *upstream_result_name(enum up_result r);
 

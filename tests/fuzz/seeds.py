@@ -254,6 +254,29 @@ put("rewrite", "slash-colon", rw("qwen/deepseek:7b", "deepseek-chat",
                                  b'{"model":"qwen/deepseek:7b"}'))
 put("rewrite", "empty-to", rw("a", "", b'{"model":"a","model":\n"a"}'))
 
+# ---------------------------------------------------------------- upstream response heads
+# The header lines after the status line, as libcurl hands them over
+# (fuzz_uphead): good heads and each kind test_untrusted sends.
+put("uphead", "deepseek-json",
+    b"Date: Mon, 01 Jan 2024 00:00:00 GMT\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 123\r\nConnection: keep-alive\r\nvary: origin, access-control-request-method\r\n"
+    b"x-ds-trace-id: 0123456789abcdef\r\n\r\n")
+put("uphead", "deepseek-sse",
+    b"Content-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n"
+    b"Cache-Control: no-cache\r\n\r\n")
+put("uphead", "cl-and-te", b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n")
+put("uphead", "two-cl", b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n")
+put("uphead", "cl-odd", b"Content-Length: +3\r\nContent-Length:  007 \r\n\r\n")
+put("uphead", "cl-big", b"Content-Length: 99999999999999999999\r\n\r\n")
+put("uphead", "gzip", b"Content-Encoding: identity, gzip\r\nContent-Type: application/json\r\n\n")
+put("uphead", "bare-lf", b"X-A: foo\nContent-Length: 2\n\n")
+put("uphead", "bare-cr", b"X-A: foo\rbar\r\nX-B: x\r\r\n\r\n")
+put("uphead", "nul", b"X-A: foo\x00bar\r\n\r\n")
+put("uphead", "fold", b"X-A: foo\r\n  Set-Cookie: x=1\r\n\tmore\r\n\r\n")
+put("uphead", "space-colon", b"X-A : foo\r\nX(A): b\r\n: empty\r\nno colon\r\n\r\n")
+put("uphead", "ctl-obs-text", b"X-A: \x01\x7f\r\nX-B: caf\xc3\xa9 \t \r\nX-C:\r\n\r\n")
+put("uphead", "no-line-end", b"X-A: foo")
+
 # ---------------------------------------------------------------- dictionaries
 DICTS = {
     "http": ["GET", "POST", "HEAD", "CONNECT", "OPTIONS", " HTTP/1.1\r\n", " HTTP/1.0\r\n",
@@ -281,6 +304,9 @@ DICTS = {
              "DeepSeek-R1", "deepseek-v4-pro"],
     "sse": ["data: ", "data:", "event: ", "id: ", ": keep-alive", "\n\n", "\r\n", "\r",
             "[DONE]", ":"],
+    "uphead": ["Content-Length: ", "Transfer-Encoding: ", "chunked", "identity",
+               "Content-Encoding: ", "gzip", "Connection: ", "Content-Type: ", "\r\n", "\n",
+               "\r", "\x00", "\t", " ", ":", ",", "0", "+", "-", "\x7f", "\xff"],
     "retry_after": ["Mon", "Wed", "Sun", "Monday", "Wednesday", "Jan", "Oct", "Dec", "GMT",
                     ", ", " ", "-", ":", "1970", "2015", "9999", "07:28:30", "\t"],
 }

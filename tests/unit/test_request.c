@@ -57,6 +57,7 @@
 static const char *const outcome_names[ATT_OUTCOMES] = {
     "ATT_OK",          "ATT_DROPPED", "ATT_CONNECT",    "ATT_TIMEOUT", "ATT_BROKEN",
     "ATT_LATE_STATUS", "ATT_ABORTED", "ATT_EMPTY",      "ATT_FIRST_DATA", "ATT_IDLE",
+    "ATT_INVALID",
 };
 
 /* ---- the retry decision: every outcome x every switch ---------------------------- */
@@ -85,6 +86,7 @@ static const struct {
     {ATT_EMPTY,       "00" "00" "10" "10", "held, then closed: on_connect, before data"},
     {ATT_FIRST_DATA,  "00" "10" "00" "10", "on_timeout, before data"},
     {ATT_IDLE,        "00" "00" "00" "00", "data flowed already: never"},
+    {ATT_INVALID,     "00" "00" "00" "00", "the upstream answered (invalidly): never"},
     /* clang-format on */
 };
 
@@ -155,6 +157,7 @@ static const struct {
     {ATT_EMPTY, ROUTE_FAILURE, true, true, RS_ON_CONNECT, 502, true, END_UP_RESET},
     {ATT_FIRST_DATA, ROUTE_FAILURE, true, true, RS_ON_TIMEOUT, 504, true, END_UP_TIMEOUT},
     {ATT_IDLE, ROUTE_FAILURE, true, true, RS_NEVER, 504, true, END_UP_IDLE},
+    {ATT_INVALID, ROUTE_FAILURE, true, false, RS_NEVER, 502, true, END_UP_ERROR},
 };
 
 static void

@@ -1,0 +1,46 @@
+/*
+ * uphead: checks on an upstream's response head, which is untrusted input.
+ *
+ * An upstream's header lines are forwarded to clients, so a byte that
+ * would be read differently by the client (a bare CR, a NUL, a folded
+ * line, a name that is not a token) makes the whole answer invalid rather
+ * than being passed on or guessed at.  The framing of the client's reply
+ * is dsgate's own: the upstream's Content-Length is used only when it is
+ * the answer's sole framing and one plain number.
+ */
+#ifndef DSGATE_UPHEAD_H
+#define DSGATE_UPHEAD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct http_header;
+
+enum uphead_kind {
+    UPHEAD_FIELD, /* a valid "name: value" line */
+    UPHEAD_END,   /* the empty line that ends the head */
+    UPHEAD_BAD,   /* invalid: the answer must not be used */
+};
+
+struct uphead_field {
+    const char *name; /* into the line; NAME_LEN bytes, not terminated */
+    size_t name_len;
+    const char *value; /* without surrounding white space; VALUE_LEN bytes */
+    size_t value_len;
+};
+
+/*
+ * Check one header line as libcurl hands it to the header callback (its
+ * line end included, LEN bytes, not terminated; not the status line).
+ * UPHEAD_BAD sets *WHY to a static reason.
+ */
+enum uphead_kind uphead_line(const char *p, size_t len, struct uphead_field *f, const char **why);
+
+/* The reply's Content-Length from the upstream's headers, or -1: send it chunked. */
+int64_t uphead_length(const struct http_header *h, size_t n);
+
+/* Does a Content-Encoding other than identity apply to the body? */
+bool uphead_encoded(const struct http_header *h, size_t n);
+
+#endif
