@@ -84,6 +84,7 @@ struct http_conn {
     bool chunked;
     enum chunk_state ch_state;
     uint64_t ch_left;
+    size_t trailer_bytes; /* trailer lines so far */
     char *body;
     size_t body_len, body_cap;
 
@@ -234,6 +235,7 @@ req_reset(struct http_conn *c)
     c->chunked = false;
     c->ch_state = CH_SIZE;
     c->ch_left = 0;
+    c->trailer_bytes = 0;
     c->reply_started = c->reply_chunked = c->reply_no_body = false;
     c->reply_ended = c->reply_close = c->drain_armed = false;
     c->on_close = NULL;
@@ -448,6 +450,26 @@ static bool
 is_tchar(unsigned char ch)
 {
     return isalnum(ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch));
+}
+
+/*
+ * Is the N-byte field name S the name WANT (with '-'), compared without
+ * case and with '_' taken for '-'?  (Content_Length is Content-Length to
+ * some servers and CGI-style gateways.)
+ */
+static bool
+name_is_loosely(const char *s, size_t n, const char *want)
+{
+    if (strlen(want) != n) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        char a = s[i] == '_' ? '-' : s[i];
+        if (tolower((unsigned char)a) != tolower((unsigned char)want[i])) {
+            return false;
+        }
+    }
+    return true;
 }
 
 static char *
@@ -718,6 +740,100 @@ body_reserve(struct http_conn *c, size_t need)
     return 0;
 }
 
+/*
+ * After the hex digits of a chunk size: chunk-ext (RFC 9112 7.1.1) with no
+ * white space around ';' or '=' (llhttp refuses it too):
+ *   *( ";" token [ "=" ( token / quoted-string ) ] )
+ * Anything else after the size (`5 xyz`, `5 6`, `5 `) is refused: a
+ * parser that stops at the first non-digit reads another chunk size.
+ */
+static bool
+chunk_ext_valid(const char *s, size_t n)
+{
+    size_t i = 0;
+
+    while (i < n) {
+        if (s[i++] != ';') {
+            return false;
+        }
+        size_t name = i;
+        while (i < n && is_tchar((unsigned char)s[i])) {
+            i++;
+        }
+        if (i == name) {
+            return false;
+        }
+        if (i == n || s[i] == ';') {
+            continue;
+        }
+        if (s[i++] != '=' || i == n) {
+            return false;
+        }
+        if (s[i] != '"') {
+            size_t v = i;
+            while (i < n && is_tchar((unsigned char)s[i])) {
+                i++;
+            }
+            if (i == v) {
+                return false;
+            }
+            continue;
+        }
+        /* quoted-string: qdtext / quoted-pair, then the closing quote */
+        for (i++;; i++) {
+            if (i == n) {
+                return false;
+            }
+            unsigned char ch = (unsigned char)s[i];
+            if (ch == '"') {
+                i++;
+                break;
+            }
+            if (ch == '\\') {
+                if (++i == n) {
+                    return false;
+                }
+                ch = (unsigned char)s[i];
+            }
+            if ((ch < 0x20 && ch != '\t') || ch == 0x7f) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+/*
+ * One trailer line (without its CRLF), N bytes: a field like those of the
+ * head (token ":" value, no control bytes but HTAB, no obs-fold), and not
+ * one that frames the message.  A pipelined request line after a last
+ * chunk that lacks its final CRLF is caught here: it has no colon, or a
+ * space before its first one.
+ */
+static bool
+trailer_valid(const char *s, size_t n)
+{
+    const char *colon = memchr(s, ':', n);
+
+    if (!colon || colon == s) {
+        return false;
+    }
+    for (const char *q = s; q < colon; q++) {
+        if (!is_tchar((unsigned char)*q)) {
+            return false;
+        }
+    }
+    for (const char *q = colon + 1; q < s + n; q++) {
+        unsigned char ch = (unsigned char)*q;
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) {
+            return false;
+        }
+    }
+    size_t nl = (size_t)(colon - s);
+    return !(name_is_loosely(s, nl, "Content-Length") ||
+             name_is_loosely(s, nl, "Transfer-Encoding") || name_is_loosely(s, nl, "Host"));
+}
+
 /* Move body bytes from the input buffer.  1: complete, 0: need more, <0: status. */
 static int
 read_body(struct http_conn *c, const char **msg)
@@ -753,7 +869,7 @@ read_body(struct http_conn *c, const char **msg)
             }
             continue;
         }
-        /* the other states read whole lines */
+        /* the other states read whole lines, each ending in CRLF */
         struct evbuffer_ptr eol = evbuffer_search_eol(c->in, NULL, NULL, EVBUFFER_EOL_LF);
         if (eol.pos < 0) {
             if (avail >= MAX_CHUNK_LINE) {
@@ -769,26 +885,24 @@ read_body(struct http_conn *c, const char **msg)
             return -400;
         }
         evbuffer_remove(c->in, line, ll);
-        line[ll] = '\0';
-        size_t content = ll - 1;
-        if (content > 0 && line[content - 1] == '\r') {
-            content--;
+        if (ll < 2 || line[ll - 2] != '\r') {
+            *msg = "bare LF in chunked framing";
+            return -400;
         }
+        size_t content = ll - 2;
         line[content] = '\0';
         switch (c->ch_state) {
         case CH_SIZE: {
-            char *e;
-            if (!isxdigit((unsigned char)line[0])) {
+            size_t hexlen = 0;
+            while (hexlen < content && isxdigit((unsigned char)line[hexlen])) {
+                hexlen++;
+            }
+            if (hexlen == 0 || hexlen > 12 ||
+                (hexlen < content && !chunk_ext_valid(line + hexlen, content - hexlen))) {
                 *msg = "malformed chunk size";
                 return -400;
             }
-            size_t hexlen = strspn(line, "0123456789abcdefABCDEF");
-            if (hexlen > 12 || (line[hexlen] && line[hexlen] != ';' && line[hexlen] != ' ' &&
-                                line[hexlen] != '\t')) {
-                *msg = "malformed chunk size";
-                return -400;
-            }
-            c->ch_left = strtoull(line, &e, 16);
+            c->ch_left = strtoull(line, NULL, 16);
             if (c->body_len + c->ch_left > max) {
                 *msg = "request body exceeds limits.max_body";
                 return -413;
@@ -807,7 +921,17 @@ read_body(struct http_conn *c, const char **msg)
             if (content == 0) {
                 return 1;
             }
-            break; /* trailer fields are dropped */
+            /* trailer fields are dropped, but they must be fields */
+            c->trailer_bytes += ll;
+            if (c->trailer_bytes > c->srv->lim.max_headers) {
+                *msg = "trailer section exceeds limits.max_headers";
+                return -431;
+            }
+            if (!trailer_valid(line, content)) {
+                *msg = "malformed trailer field";
+                return -400;
+            }
+            break;
         case CH_DATA:
             break;
         }
