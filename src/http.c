@@ -526,7 +526,7 @@ parse_head(struct http_conn *c, size_t len, const char **code, const char **msg)
     char *p = c->head, *end = c->head + len;
     char *line_end;
     size_t nh = 0;
-    bool host_seen = false, cl_seen = false, te_seen = false;
+    bool host_seen = false, cl_seen = false, te_seen = false, close_seen = false;
     struct http_req *r = &c->req;
 
     *code = "invalid_request";
@@ -669,16 +669,18 @@ parse_head(struct http_conn *c, size_t len, const char **code, const char **msg)
             }
             host_seen = true;
         } else if (strcasecmp(p, "Connection") == 0) {
-            /* a list of tokens */
-            char buf[256];
-            snprintf(buf, sizeof(buf), "%s", value);
-            for (char *save = NULL, *t = strtok_r(buf, ", \t", &save); t;
-                 t = strtok_r(NULL, ", \t", &save)) {
-                if (strcasecmp(t, "close") == 0) {
+            /* a list of tokens, read in place: `close` counts wherever it is */
+            for (const char *t = value; *t;) {
+                size_t n = strcspn(t, ", \t");
+                if (n == 5 && strncasecmp(t, "close", 5) == 0) {
                     c->keep_alive = false;
-                } else if (strcasecmp(t, "keep-alive") == 0 && r->http_minor == 0) {
+                    close_seen = true;
+                } else if (n == 10 && strncasecmp(t, "keep-alive", 10) == 0 &&
+                           r->http_minor == 0 && !close_seen) {
                     c->keep_alive = true;
                 }
+                t += n;
+                t += strspn(t, ", \t");
             }
         } else if (strcasecmp(p, "Expect") == 0) {
             if (strcasecmp(value, "100-continue") != 0) {
