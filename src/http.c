@@ -42,7 +42,8 @@
 
 #define READ_CHUNK      16384
 #define MAX_CHUNK_LINE  4096   /* a chunk-size line with extensions, or a trailer line */
-#define MAX_NHEADERS    256
+/* header fields per request: what attempt.c can forward (ATTEMPT_MAX_HEADERS) */
+#define MAX_NHEADERS    128
 #define DRAIN_LOW_WATER (64 * 1024)
 #define LINGER_MS       2000
 #define ACCEPT_BURST    64
