@@ -646,6 +646,13 @@ parse_head(struct http_conn *c, size_t len, const char **code, const char **msg)
         c->hdrs[nh].value = value;
         nh++;
 
+        if ((name_is_loosely(p, (size_t)(colon - p), "Content-Length") &&
+             strcasecmp(p, "Content-Length") != 0) ||
+            (name_is_loosely(p, (size_t)(colon - p), "Transfer-Encoding") &&
+             strcasecmp(p, "Transfer-Encoding") != 0)) {
+            *msg = "Content_Length or Transfer_Encoding is ambiguous";
+            return 400;
+        }
         if (strcasecmp(p, "Content-Length") == 0) {
             char *e;
             if (cl_seen || !*value || strspn(value, "0123456789") != strlen(value) ||
