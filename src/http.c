@@ -706,6 +706,11 @@ parse_head(struct http_conn *c, size_t len, const char **code, const char **msg)
         *msg = "Transfer-Encoding with Content-Length or HTTP/1.0";
         return 400;
     }
+    if ((c->content_length > 0 || c->chunked) &&
+        (strcmp(r->method, "GET") == 0 || strcmp(r->method, "HEAD") == 0)) {
+        *msg = "GET and HEAD requests take no body";
+        return 400;
+    }
     if (r->http_minor == 1 && !host_seen) {
         *msg = "missing Host header";
         return 400;
