@@ -63,7 +63,6 @@ except ImportError:                     # a python3 other than Debian's
     except ImportError:
         h11 = None
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DIFF_DIR = os.path.join(H.ROOT, "tests", "differential")
 CORPUS = os.path.join(DIFF_DIR, "requests.txt")
 NODE_REF = os.path.join(DIFF_DIR, "node_ref.js")
@@ -244,7 +243,8 @@ def refused(tag, cases, want=(400,)):
         if st not in want:
             bad.append("%s: status %s (want %s)" % (name, st, "/".join(map(str, want))))
         elif not raw.startswith(b"HEAD ") and not is_error_json(resps[0][2]):
-            bad.append("%s: %d without an OpenAI-shaped JSON error: %r" % (name, st, resps[0][2][:80]))
+            bad.append("%s: %d without an OpenAI-shaped JSON error: %r"
+                       % (name, st, resps[0][2][:80]))
         if len(resps) > 1:
             bad.append("%s: %d answers: bytes after the bad request were read as a request"
                        % (name, len(resps)))
@@ -318,8 +318,10 @@ def t_get_head_with_body():
     Content-Length: 0 stays accepted."""
     cases = [("get_cl", post_head([b"Content-Length: 2"], method=b"GET") + b"{}"),
              ("head_cl", post_head([b"Content-Length: 2"], method=b"HEAD") + b"{}"),
-             ("get_chunked", post_head([b"Transfer-Encoding: chunked"], method=b"GET") + b"2\r\n{}\r\n0\r\n\r\n"),
-             ("head_chunked_empty", post_head([b"Transfer-Encoding: chunked"], method=b"HEAD") + b"0\r\n\r\n")]
+             ("get_chunked", post_head([b"Transfer-Encoding: chunked"], method=b"GET") +
+              b"2\r\n{}\r\n0\r\n\r\n"),
+             ("head_chunked_empty", post_head([b"Transfer-Encoding: chunked"], method=b"HEAD") +
+              b"0\r\n\r\n")]
     refused("get-body", cases)
     f, d = pair("get-cl0")
     i = tid()
@@ -340,7 +342,8 @@ def t_underscore_framing_names():
              ("cl_with_cl", post_head([b"Content-Length: 2", b"Content_Length: 40"]) + b"{}"),
              ("cl_lower", post_head([b"content_length: 2", b"Content-Length: 2"]) + b"{}"),
              ("te", post_head([b"Transfer_Encoding: chunked", b"Content-Length: 2"]) + b"{}"),
-             ("te_with_te", post_head([b"Transfer-Encoding: chunked", b"TRANSFER_ENCODING: chunked"])
+             ("te_with_te", post_head([b"Transfer-Encoding: chunked",
+                                       b"TRANSFER_ENCODING: chunked"])
               + b"2\r\n{}\r\n0\r\n\r\n")]
     refused("underscore", cases)
 
