@@ -41,7 +41,7 @@ UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=build/asan/%)
 # Debian packages: build libraries, then what the tests use.
 DEB_BUILD := build-essential pkg-config libevent-dev libcurl4-openssl-dev libjansson-dev \
              libhiredis-dev libyaml-dev libssl-dev
-DEB_TEST  := libcmocka-dev python3-yaml python3-httpx clang libclang-rt-14-dev
+DEB_TEST  := libcmocka-dev python3-yaml python3-httpx python3-h11 clang libclang-rt-14-dev
 # command:package pairs; a command already on PATH (for example a Node.js
 # from elsewhere) is used as it is
 DEB_TOOLS := redis-server:redis-server python3:python3 curl:curl node:nodejs npm:npm \

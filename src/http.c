@@ -42,7 +42,8 @@
 
 #define READ_CHUNK      16384
 #define MAX_CHUNK_LINE  4096   /* a chunk-size line with extensions, or a trailer line */
-#define MAX_NHEADERS    256
+/* header fields per request: what attempt.c can forward (ATTEMPT_MAX_HEADERS) */
+#define MAX_NHEADERS    128
 #define DRAIN_LOW_WATER (64 * 1024)
 #define LINGER_MS       2000
 #define ACCEPT_BURST    64
@@ -84,6 +85,7 @@ struct http_conn {
     bool chunked;
     enum chunk_state ch_state;
     uint64_t ch_left;
+    size_t trailer_bytes; /* trailer lines so far */
     char *body;
     size_t body_len, body_cap;
 
@@ -234,6 +236,7 @@ req_reset(struct http_conn *c)
     c->chunked = false;
     c->ch_state = CH_SIZE;
     c->ch_left = 0;
+    c->trailer_bytes = 0;
     c->reply_started = c->reply_chunked = c->reply_no_body = false;
     c->reply_ended = c->reply_close = c->drain_armed = false;
     c->on_close = NULL;
@@ -450,6 +453,26 @@ is_tchar(unsigned char ch)
     return isalnum(ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch));
 }
 
+/*
+ * Is the N-byte field name S the name WANT (with '-'), compared without
+ * case and with '_' taken for '-'?  (Content_Length is Content-Length to
+ * some servers and CGI-style gateways.)
+ */
+static bool
+name_is_loosely(const char *s, size_t n, const char *want)
+{
+    if (strlen(want) != n) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        char a = s[i] == '_' ? '-' : s[i];
+        if (tolower((unsigned char)a) != tolower((unsigned char)want[i])) {
+            return false;
+        }
+    }
+    return true;
+}
+
 static char *
 trim(char *s, char *end)
 {
@@ -504,7 +527,7 @@ parse_head(struct http_conn *c, size_t len, const char **code, const char **msg)
     char *p = c->head, *end = c->head + len;
     char *line_end;
     size_t nh = 0;
-    bool host_seen = false, cl_seen = false, te_seen = false;
+    bool host_seen = false, cl_seen = false, te_seen = false, close_seen = false;
     struct http_req *r = &c->req;
 
     *code = "invalid_request";
@@ -623,6 +646,13 @@ parse_head(struct http_conn *c, size_t len, const char **code, const char **msg)
         c->hdrs[nh].value = value;
         nh++;
 
+        if ((name_is_loosely(p, (size_t)(colon - p), "Content-Length") &&
+             strcasecmp(p, "Content-Length") != 0) ||
+            (name_is_loosely(p, (size_t)(colon - p), "Transfer-Encoding") &&
+             strcasecmp(p, "Transfer-Encoding") != 0)) {
+            *msg = "Content_Length or Transfer_Encoding is ambiguous";
+            return 400;
+        }
         if (strcasecmp(p, "Content-Length") == 0) {
             char *e;
             if (cl_seen || !*value || strspn(value, "0123456789") != strlen(value) ||
@@ -647,16 +677,18 @@ parse_head(struct http_conn *c, size_t len, const char **code, const char **msg)
             }
             host_seen = true;
         } else if (strcasecmp(p, "Connection") == 0) {
-            /* a list of tokens */
-            char buf[256];
-            snprintf(buf, sizeof(buf), "%s", value);
-            for (char *save = NULL, *t = strtok_r(buf, ", \t", &save); t;
-                 t = strtok_r(NULL, ", \t", &save)) {
-                if (strcasecmp(t, "close") == 0) {
+            /* a list of tokens, read in place: `close` counts wherever it is */
+            for (const char *t = value; *t;) {
+                size_t n = strcspn(t, ", \t");
+                if (n == 5 && strncasecmp(t, "close", 5) == 0) {
                     c->keep_alive = false;
-                } else if (strcasecmp(t, "keep-alive") == 0 && r->http_minor == 0) {
+                    close_seen = true;
+                } else if (n == 10 && strncasecmp(t, "keep-alive", 10) == 0 &&
+                           r->http_minor == 0 && !close_seen) {
                     c->keep_alive = true;
                 }
+                t += n;
+                t += strspn(t, ", \t");
             }
         } else if (strcasecmp(p, "Expect") == 0) {
             if (strcasecmp(value, "100-continue") != 0) {
@@ -672,6 +704,11 @@ parse_head(struct http_conn *c, size_t len, const char **code, const char **msg)
     r->nheaders = nh;
     if (te_seen && (cl_seen || r->http_minor == 0)) {
         *msg = "Transfer-Encoding with Content-Length or HTTP/1.0";
+        return 400;
+    }
+    if ((c->content_length > 0 || c->chunked) &&
+        (strcmp(r->method, "GET") == 0 || strcmp(r->method, "HEAD") == 0)) {
+        *msg = "GET and HEAD requests take no body";
         return 400;
     }
     if (r->http_minor == 1 && !host_seen) {
@@ -718,6 +755,100 @@ body_reserve(struct http_conn *c, size_t need)
     return 0;
 }
 
+/*
+ * After the hex digits of a chunk size: chunk-ext (RFC 9112 7.1.1) with no
+ * white space around ';' or '=' (llhttp refuses it too):
+ *   *( ";" token [ "=" ( token / quoted-string ) ] )
+ * Anything else after the size (`5 xyz`, `5 6`, `5 `) is refused: a
+ * parser that stops at the first non-digit reads another chunk size.
+ */
+static bool
+chunk_ext_valid(const char *s, size_t n)
+{
+    size_t i = 0;
+
+    while (i < n) {
+        if (s[i++] != ';') {
+            return false;
+        }
+        size_t name = i;
+        while (i < n && is_tchar((unsigned char)s[i])) {
+            i++;
+        }
+        if (i == name) {
+            return false;
+        }
+        if (i == n || s[i] == ';') {
+            continue;
+        }
+        if (s[i++] != '=' || i == n) {
+            return false;
+        }
+        if (s[i] != '"') {
+            size_t v = i;
+            while (i < n && is_tchar((unsigned char)s[i])) {
+                i++;
+            }
+            if (i == v) {
+                return false;
+            }
+            continue;
+        }
+        /* quoted-string: qdtext / quoted-pair, then the closing quote */
+        for (i++;; i++) {
+            if (i == n) {
+                return false;
+            }
+            unsigned char ch = (unsigned char)s[i];
+            if (ch == '"') {
+                i++;
+                break;
+            }
+            if (ch == '\\') {
+                if (++i == n) {
+                    return false;
+                }
+                ch = (unsigned char)s[i];
+            }
+            if ((ch < 0x20 && ch != '\t') || ch == 0x7f) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+/*
+ * One trailer line (without its CRLF), N bytes: a field like those of the
+ * head (token ":" value, no control bytes but HTAB, no obs-fold), and not
+ * one that frames the message.  A pipelined request line after a last
+ * chunk that lacks its final CRLF is caught here: it has no colon, or a
+ * space before its first one.
+ */
+static bool
+trailer_valid(const char *s, size_t n)
+{
+    const char *colon = memchr(s, ':', n);
+
+    if (!colon || colon == s) {
+        return false;
+    }
+    for (const char *q = s; q < colon; q++) {
+        if (!is_tchar((unsigned char)*q)) {
+            return false;
+        }
+    }
+    for (const char *q = colon + 1; q < s + n; q++) {
+        unsigned char ch = (unsigned char)*q;
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) {
+            return false;
+        }
+    }
+    size_t nl = (size_t)(colon - s);
+    return !(name_is_loosely(s, nl, "Content-Length") ||
+             name_is_loosely(s, nl, "Transfer-Encoding") || name_is_loosely(s, nl, "Host"));
+}
+
 /* Move body bytes from the input buffer.  1: complete, 0: need more, <0: status. */
 static int
 read_body(struct http_conn *c, const char **msg)
@@ -753,7 +884,7 @@ read_body(struct http_conn *c, const char **msg)
             }
             continue;
         }
-        /* the other states read whole lines */
+        /* the other states read whole lines, each ending in CRLF */
         struct evbuffer_ptr eol = evbuffer_search_eol(c->in, NULL, NULL, EVBUFFER_EOL_LF);
         if (eol.pos < 0) {
             if (avail >= MAX_CHUNK_LINE) {
@@ -769,26 +900,24 @@ read_body(struct http_conn *c, const char **msg)
             return -400;
         }
         evbuffer_remove(c->in, line, ll);
-        line[ll] = '\0';
-        size_t content = ll - 1;
-        if (content > 0 && line[content - 1] == '\r') {
-            content--;
+        if (ll < 2 || line[ll - 2] != '\r') {
+            *msg = "bare LF in chunked framing";
+            return -400;
         }
+        size_t content = ll - 2;
         line[content] = '\0';
         switch (c->ch_state) {
         case CH_SIZE: {
-            char *e;
-            if (!isxdigit((unsigned char)line[0])) {
+            size_t hexlen = 0;
+            while (hexlen < content && isxdigit((unsigned char)line[hexlen])) {
+                hexlen++;
+            }
+            if (hexlen == 0 || hexlen > 12 ||
+                (hexlen < content && !chunk_ext_valid(line + hexlen, content - hexlen))) {
                 *msg = "malformed chunk size";
                 return -400;
             }
-            size_t hexlen = strspn(line, "0123456789abcdefABCDEF");
-            if (hexlen > 12 || (line[hexlen] && line[hexlen] != ';' && line[hexlen] != ' ' &&
-                                line[hexlen] != '\t')) {
-                *msg = "malformed chunk size";
-                return -400;
-            }
-            c->ch_left = strtoull(line, &e, 16);
+            c->ch_left = strtoull(line, NULL, 16);
             if (c->body_len + c->ch_left > max) {
                 *msg = "request body exceeds limits.max_body";
                 return -413;
@@ -807,7 +936,17 @@ read_body(struct http_conn *c, const char **msg)
             if (content == 0) {
                 return 1;
             }
-            break; /* trailer fields are dropped */
+            /* trailer fields are dropped, but they must be fields */
+            c->trailer_bytes += ll;
+            if (c->trailer_bytes > c->srv->lim.max_headers) {
+                *msg = "trailer section exceeds limits.max_headers";
+                return -431;
+            }
+            if (!trailer_valid(line, content)) {
+                *msg = "malformed trailer field";
+                return -400;
+            }
+            break;
         case CH_DATA:
             break;
         }
