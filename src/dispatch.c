@@ -455,9 +455,15 @@ dispatch_release_at(struct request *r, struct attempt *a)
 void
 dispatch_limit(struct request *r, bool overload)
 {
-    struct gw_upstream *u = r->att->up;
+    dispatch_limit_at(r, r->att, overload);
+}
 
-    r->att->limit_fed = true;
+void
+dispatch_limit_at(struct request *r, struct attempt *a, bool overload)
+{
+    struct gw_upstream *u = a->up;
+
+    a->limit_fed = true;
     bool cut = sched_limit_feedback(&u->limit, overload, http_now_us());
 
     if (u->fleet && (cut || !overload)) {
@@ -469,7 +475,15 @@ dispatch_limit(struct request *r, bool overload)
 void
 dispatch_circuit(struct request *r, enum route_outcome o, const char *reason)
 {
-    struct gw_upstream *u = r->att->up;
+    dispatch_circuit_at(r, r->att, o, reason);
+}
+
+void
+dispatch_circuit_at(struct request *r, struct attempt *a, enum route_outcome o, const char *reason)
+{
+    struct gw_upstream *u = a->up;
+
+    (void)r;
     int64_t now = http_now_us();
 
     if (!circuit_on_result(&u->circuit, o, reason, now)) {
@@ -498,8 +512,15 @@ dispatch_circuit(struct request *r, enum route_outcome o, const char *reason)
 void
 dispatch_count(struct request *r, const char *outcome)
 {
-    struct gw_upstream *u = r->att->up;
+    dispatch_count_at(r, r->att, outcome);
+}
 
+void
+dispatch_count_at(struct request *r, struct attempt *a, const char *outcome)
+{
+    struct gw_upstream *u = a->up;
+
+    (void)r;
     for (size_t i = 0; i < u->n_m_attempts; i++) {
         if (strcmp(u->m_attempts[i].outcome, outcome) == 0) {
             metrics_series_add(u->m_attempts[i].s, 1);

@@ -102,6 +102,11 @@ void dispatch_held(struct request *r);
 void dispatch_first_data(struct request *r, int64_t first_data_us);
 /* dsgate_upstream_attempts_total{upstream,outcome}. */
 void dispatch_count(struct request *r, const char *outcome);
+/* The same three for attempt A of R (a hedge, or the attempt a hedge beat). */
+void dispatch_count_at(struct request *r, struct attempt *a, const char *outcome);
+void dispatch_limit_at(struct request *r, struct attempt *a, bool overload);
+void dispatch_circuit_at(struct request *r, struct attempt *a, enum route_outcome o,
+                         const char *reason);
 
 /* Publish the queue and limiter gauges. */
 void dispatch_update_gauges(struct gateway *gw);

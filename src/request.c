@@ -462,6 +462,8 @@ hedge_stop(struct request *r)
 
     if (attempt_running(o)) {
         attempt_cancel(o);
+        dispatch_count_at(r, o, "lost_race");
+        dispatch_circuit_at(r, o, ROUTE_NEUTRAL, ""); /* a probe nobody waits for says nothing */
     }
     dispatch_release_at(r, o);
 }
@@ -480,6 +482,8 @@ hedge_win(struct request *r, struct attempt *a)
 {
     r->racing = false;
     r->tried |= (uint64_t)1 << r->att->up->idx; /* the one that lost is not tried again at once */
+    /* it had no data byte within hedge_after and lost: its limit hears a slow first token */
+    dispatch_limit_at(r, r->att, true);
     r->att = a;
     r->status = 200; /* also for a leader without a client: its flight is stored on success */
     hedge_count(a, "won");
@@ -520,8 +524,14 @@ hedge_data(struct request *r, struct attempt *a, const char *p, size_t len)
 
 /* The hedge ended before it won: the request's own attempt goes on alone. */
 static void
-hedge_done(struct request *r, struct attempt *a)
+hedge_done(struct request *r, struct attempt *a, const struct attempt_result *res)
 {
+    dispatch_count_at(r, a, res->outcome == ATT_ABORTED ? "lost_race"
+                                                         : attempt_outcome_label(res->outcome,
+                                                                                 res->status));
+    if (res->outcome == ATT_ABORTED) {
+        dispatch_circuit_at(r, a, ROUTE_NEUTRAL, "");
+    }
     dispatch_release_at(r, a);
     if (r->racing) {
         r->racing = false;
@@ -648,7 +658,7 @@ slot_done(struct request *r, struct attempt *a, const struct attempt_result *res
     if (a == r->att) {
         attempt_over(r, res);
     } else {
-        hedge_done(r, a);
+        hedge_done(r, a, res);
     }
 }
 
