@@ -36,42 +36,31 @@ Usage: test_lifecycle.py [test names...]
 
 import json
 import os
-import re
 import socket
 import sys
 import threading
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import CHAT, check, note, scrape                   # noqa: E402
 
 try:
     import redis_helper as R                                    # noqa: E402
 except Exception:                                               # noqa: BLE001
     R = None
 
-CHAT = "/v1/chat/completions"
 WARM = "/chat/completions"      # requests that are not the test's own (not counted)
 P = {}
 BACKOFF_S = 0.4
-SANITIZER = ("runtime error:", "AddressSanitizer", "LeakSanitizer")
+SANITIZER = H.SANITIZER_MARKS
 
 
 def tid():
-    return uuid.uuid4().hex[:10]
+    return H.test_id(n=10)
 
 
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
-
-
-def chat(content, stream=False):
-    b = {"model": "deepseek-chat", "messages": [{"role": "user", "content": content}]}
-    if stream:
-        b["stream"] = True
-    return json.dumps(b).encode()
+chat = H.chat_body
 
 
 # ---------------------------------------------------------------- processes
@@ -85,13 +74,7 @@ def config(port, ups, routing="failover", attempts=3, base="400ms", cap="400ms",
         "upstreams:",
     ]
     for name, url, mi in ups:
-        lines += [
-            "  - name: %s" % name,
-            "    url: %s" % H.yaml_quote(url),
-            "    max_inflight: %d" % mi,
-            "    adaptive: false",
-            "    timeouts: {connect: 2s, first_data: 30s, idle: 30s, total: 0}",
-        ]
+        lines += H.upstream_yaml(name, url, mi)
     lines += [
         "routing: %s" % routing,
         "queue:",
@@ -137,23 +120,6 @@ class Gate(H.Dsgate):
 
 
 # ---------------------------------------------------------------- metrics
-
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def scrape(port):
-    r = H.request(port, "GET", "/metrics", timeout=5.0)
-    check(r.status == 200, "/metrics: %s", r.status)
-    out = []
-    for line in r.body.decode("utf-8", "replace").splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m:
-            out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return out
-
 
 def metric(samples, name, **labels):
     """Sum of NAME's samples whose labels include LABELS (0 if none)."""
