@@ -1535,3 +1535,52 @@ def scrape(port):
 def log_for(f, test_id):
     """The entries of fake F's /_log whose X-Test-Id is TEST_ID."""
     return [e for e in f.log() if (e.get("headers") or {}).get("x-test-id") == test_id]
+
+
+class Pending:
+    """A POST sent at once on its own connection (Content-Type JSON,
+    Connection: close) whose whole answer a thread reads; READ=False: the
+    test reads it (or leaves) itself.  HEADERS: dict or pairs; ACCEPT: an
+    Accept header to add.  .resp (or .error), .t_sent, .t_end (monotonic s);
+    wait() returns the response."""
+
+    def __init__(self, port, body, headers=None, path=CHAT, timeout=15.0, read=True,
+                 accept=None):
+        hs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        hs += [("Content-Type", "application/json"), ("Connection", "close")]
+        if accept:
+            hs.append(("Accept", accept))
+        self.timeout = timeout
+        self.resp = self.error = self.t_end = None
+        self.conn = Conn(port, timeout=timeout)
+        self._opened()
+        self.t_sent = time.monotonic()
+        self.conn.send(build_request("POST", path, hs, body, port=port))
+        self.thread = None
+        if read:
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+
+    def _opened(self):
+        """Called once the connection is open, before the request is sent."""
+
+    def _read(self):
+        try:
+            self.resp = self.conn.read_response(self.timeout)
+        except Exception as e:                  # noqa: BLE001
+            self.error = e
+        finally:
+            self.t_end = time.monotonic()
+            self.close()
+
+    def close(self):
+        self.conn.close()
+
+    def wait(self, timeout=None):
+        """The response, once the thread has it (TIMEOUT s, default the
+        request's timeout + 5)."""
+        t = self.timeout if timeout is None else timeout
+        self.thread.join(timeout if timeout is not None else self.timeout + 5)
+        check(not self.thread.is_alive(), "no answer within %.0fs", t)
+        check(self.resp is not None, "no response: %s", self.error)
+        return self.resp

@@ -37,7 +37,6 @@ import concurrent.futures
 import json
 import os
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -127,33 +126,7 @@ def attempts_of(r):
     return int(r.header("x-dsgate-attempts") or "0")
 
 
-class Pending:
-    """A request sent now whose answer a thread reads."""
-
-    def __init__(self, port, body, headers=None, timeout=15.0):
-        hs = list((headers or {}).items()) + [("Content-Type", "application/json"),
-                                               ("Connection", "close")]
-        self.conn = H.Conn(port, timeout=timeout)
-        self.timeout = timeout
-        self.resp = self.error = self.t_end = None
-        self.conn.send(H.build_request("POST", CHAT, hs, body, port=port))
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        try:
-            self.resp = self.conn.read_response(self.timeout)
-        except Exception as e:                  # noqa: BLE001
-            self.error = e
-        finally:
-            self.t_end = time.monotonic()
-            self.conn.close()
-
-    def wait(self, timeout):
-        self.thread.join(timeout)
-        check(not self.thread.is_alive(), "no answer within %.0fs", timeout)
-        check(self.resp is not None, "no response: %s", self.error)
-        return self.resp
+Pending = H.Pending     # a request sent now whose answer a thread reads
 
 
 # ---------------------------------------------------------------- scripted answers

@@ -38,7 +38,6 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -129,38 +128,21 @@ def metric(samples, name, **labels):
 
 # ---------------------------------------------------------------- clients
 
-class Client:
+class Client(H.Pending):
     """One request on its own connection, sent at once.  read=True: a thread
     reads the whole answer; otherwise the test reads (or leaves) itself."""
 
     def __init__(self, ctx, body, headers, stream=False, read=True, timeout=15.0,
                  path=CHAT, gate=None):
-        hs = list(headers.items()) if isinstance(headers, dict) else list(headers)
-        hs += [("Content-Type", "application/json"), ("Connection", "close")]
-        if stream:
-            hs.append(("Accept", "text/event-stream"))
         self.stream = stream
-        self.timeout = timeout
-        self.resp = None
-        self.error = None
         self.head = None
         self.events = []
-        port = (gate or ctx.d).port
-        self.conn = H.Conn(port, timeout=timeout)
-        ctx.clients.append(self)
-        self.conn.send(H.build_request("POST", path, hs, body, port=port))
-        self.thread = None
-        if read:
-            self.thread = threading.Thread(target=self._read, daemon=True)
-            self.thread.start()
+        self.ctx = ctx
+        super().__init__((gate or ctx.d).port, body, headers, path=path, timeout=timeout,
+                         read=read, accept="text/event-stream" if stream else None)
 
-    def _read(self):
-        try:
-            self.resp = self.conn.read_response(self.timeout)
-        except Exception as e:                  # noqa: BLE001
-            self.error = e
-        finally:
-            self.close()
+    def _opened(self):
+        self.ctx.clients.append(self)
 
     def read_head(self, timeout=5.0):
         self.head = self.conn.read_head(timeout)
@@ -187,12 +169,6 @@ class Client:
         self.conn.close()
 
     leave = close
-
-    def wait(self, timeout=None):
-        self.thread.join(timeout if timeout is not None else self.timeout + 5)
-        check(not self.thread.is_alive(), "no answer within %.0fs", self.timeout)
-        check(self.resp is not None, "no response: %s", self.error)
-        return self.resp
 
 
 def expect_ok(c, prompt, what, stream=None):
