@@ -20,6 +20,7 @@ directory when unset); tests/run.sh scans those files for sanitizer reports.
 import atexit
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 from http import HTTPStatus
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -1382,3 +1384,203 @@ def _where(e):
 def check(cond, msg, *args):
     if not cond:
         raise AssertionError(msg % args if args else msg)
+
+
+# ---------------------------------------------------------------- helpers shared by test files
+#
+# Small pieces several test files used to carry their own copies of.
+
+CHAT = "/v1/chat/completions"
+
+# Substrings of a line of dsgate's stderr that mean a sanitizer report.
+SANITIZER_MARKS = ("runtime error:", "AddressSanitizer", "LeakSanitizer")
+
+
+def note(fmt, *args):
+    """Print "# FMT % ARGS" (a comment line the runner's output keeps)."""
+    print("# " + (fmt % args if args else fmt), flush=True)
+
+
+def test_id(prefix="", n=12):
+    """A fresh X-Test-Id value: PREFIX and N random hex digits."""
+    return prefix + uuid.uuid4().hex[:n]
+
+
+def chat_request(content, stream=False, model="deepseek-chat"):
+    """A one-message chat completion request (a dict); "stream": true when STREAM."""
+    b = {"model": model, "messages": [{"role": "user", "content": content}]}
+    if stream:
+        b["stream"] = True
+    return b
+
+
+def chat_body(content, stream=False, model="deepseek-chat"):
+    """chat_request() as JSON bytes."""
+    return json.dumps(chat_request(content, stream, model)).encode()
+
+
+def start_fake(started, *args, name="fake"):
+    """A Fake (ARGS: its command-line options) appended to STARTED."""
+    f = Fake(*args, name=name)
+    started.append(f)
+    return f
+
+
+def start_scripted(started, script):
+    """A ScriptedUpstream answering from SCRIPT, appended to STARTED."""
+    s = ScriptedUpstream(script)
+    started.append(s)
+    return s
+
+
+def start_dsgate(config_for, tag, started, *more, **kw):
+    """A Dsgate on a free port whose config is CONFIG_FOR(port), appended to
+    STARTED and to each list in MORE; KW go to Dsgate (env=...)."""
+    port = free_port()
+    d = Dsgate(config_text=config_for(port), tag=tag, port=port, **kw)
+    started.append(d)
+    for lst in more:
+        lst.append(d)
+    return d
+
+
+def upstream_yaml(name, url, max_inflight=16, adaptive=False, connect="2s",
+                  first_data="30s", extra_timeouts=""):
+    """The lines of one entry of a config's upstreams: list (indented for
+    it).  ADAPTIVE None: no adaptive line.  EXTRA_TIMEOUTS: more
+    "key: value" text appended inside the timeouts {...}."""
+    lines = [
+        "  - name: %s" % name,
+        "    url: %s" % yaml_quote(url),
+        "    max_inflight: %d" % max_inflight,
+    ]
+    if adaptive is not None:
+        lines.append("    adaptive: %s" % ("true" if adaptive else "false"))
+    lines.append("    timeouts: {connect: %s, first_data: %s, idle: 30s, total: 0%s}"
+                 % (connect, first_data, extra_timeouts))
+    return lines
+
+
+def sanitizer_lines(d):
+    """The lines of dsgate D's log that are part of a sanitizer report."""
+    return [ln.strip() for ln in d.log_text().splitlines()
+            if any(b in ln for b in SANITIZER_MARKS)]
+
+
+def check_healthy(d):
+    """dsgate D is alive and its log has no sanitizer report."""
+    check(d.alive(), "dsgate died (exit %s): %s" % (d.proc.returncode, d.crash_summary()))
+    bad = sanitizer_lines(d)
+    check(not bad, "dsgate log: %s" % " | ".join(bad[:3]))
+
+
+def sanitizer_after_each(dsgates):
+    """An after_each for main(): empties DSGATES (the dsgates the test
+    started, stopped by then) and fails NAME_sanitizer when a log of theirs
+    has a sanitizer report (leaks are reported at exit)."""
+    def after_each(run, name):
+        ds = list(dsgates)
+        del dsgates[:]
+        bad = []
+        for d in ds:
+            for ln in sanitizer_lines(d):
+                bad.append("%s: %s" % (os.path.basename(d.log_path), ln))
+        if bad:
+            run.fail(name + "_sanitizer", " | ".join(bad[:3]))
+    return after_each
+
+
+def access_lines(d, path=CHAT):
+    """dsgate D's access log lines (JSON objects) for PATH, oldest first."""
+    out = []
+    for ln in d.log_text().splitlines():
+        ln = ln.strip()
+        if not ln.startswith("{") or '"path"' not in ln:
+            continue
+        try:
+            j = json.loads(ln)
+        except ValueError:
+            continue
+        if j.get("path") == path and "status" in j and "attempts" in j:
+            out.append(j)
+    return out
+
+
+def wait_access(d, n, path=CHAT, timeout=3.0):
+    """access_lines(D, PATH) once there are at least N (fails after TIMEOUT s)."""
+    got = wait_until(lambda: len(access_lines(d, path)) >= n, timeout, 0.02)
+    check(got, "%d access log lines for %s, want %d; log tail %r", len(access_lines(d, path)),
+          path, n, d.log_tail(600))
+    return access_lines(d, path)
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(port):
+    """GET /metrics: [(name, {label: value}, float)] of every sample."""
+    r = request(port, "GET", "/metrics", timeout=5.0)
+    check(r.status == 200, "/metrics: %s", r.status)
+    out = []
+    for line in r.body.decode("utf-8", "replace").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if m:
+            out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    return out
+
+
+def log_for(f, test_id):
+    """The entries of fake F's /_log whose X-Test-Id is TEST_ID."""
+    return [e for e in f.log() if (e.get("headers") or {}).get("x-test-id") == test_id]
+
+
+class Pending:
+    """A POST sent at once on its own connection (Content-Type JSON,
+    Connection: close) whose whole answer a thread reads; READ=False: the
+    test reads it (or leaves) itself.  HEADERS: dict or pairs; ACCEPT: an
+    Accept header to add.  .resp (or .error), .t_sent, .t_end (monotonic s);
+    wait() returns the response."""
+
+    def __init__(self, port, body, headers=None, path=CHAT, timeout=15.0, read=True,
+                 accept=None):
+        hs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        hs += [("Content-Type", "application/json"), ("Connection", "close")]
+        if accept:
+            hs.append(("Accept", accept))
+        self.timeout = timeout
+        self.resp = self.error = self.t_end = None
+        self.conn = Conn(port, timeout=timeout)
+        self._opened()
+        self.t_sent = time.monotonic()
+        self.conn.send(build_request("POST", path, hs, body, port=port))
+        self.thread = None
+        if read:
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+
+    def _opened(self):
+        """Called once the connection is open, before the request is sent."""
+
+    def _read(self):
+        try:
+            self.resp = self.conn.read_response(self.timeout)
+        except Exception as e:                  # noqa: BLE001
+            self.error = e
+        finally:
+            self.t_end = time.monotonic()
+            self.close()
+
+    def close(self):
+        self.conn.close()
+
+    def wait(self, timeout=None):
+        """The response, once the thread has it (TIMEOUT s, default the
+        request's timeout + 5)."""
+        t = self.timeout if timeout is None else timeout
+        self.thread.join(timeout if timeout is not None else self.timeout + 5)
+        check(not self.thread.is_alive(), "no answer within %.0fs", t)
+        check(self.resp is not None, "no response: %s", self.error)
+        return self.resp

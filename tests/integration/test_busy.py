@@ -22,7 +22,6 @@ import concurrent.futures
 import email.utils
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import check, log_for, note, scrape                # noqa: E402
 
 CHAT = "/v1/chat/completions"
 STARTED = []        # (kind, object) started by the running test, stopped after it
@@ -38,10 +37,6 @@ STARTED = []        # (kind, object) started by the running test, stopped after 
 
 def tid():
     return uuid.uuid4().hex[:12]
-
-
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
 
 
 def chat_body(content="hello", stream=False):
@@ -100,23 +95,6 @@ def dsgate(url, tag, env=None, **cfg):
 
 
 # ---------------------------------------------------------------- metrics
-
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def scrape(port):
-    r = H.request(port, "GET", "/metrics", timeout=5.0)
-    check(r.status == 200, "/metrics: %s", r.status)
-    out = []
-    for line in r.body.decode("utf-8", "replace").splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m:
-            out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return out
-
 
 def metric(samples, name, **labels):
     """Sum of NAME's samples whose labels include LABELS; None if there is none."""
@@ -204,10 +182,6 @@ def statuses(results):
 
 def attempts_of(r):
     return int(r.header("x-dsgate-attempts") or "0")
-
-
-def log_for(f, test_id):
-    return [e for e in f.log() if (e.get("headers") or {}).get("x-test-id") == test_id]
 
 
 # ---------------------------------------------------------------- scripted upstream

@@ -29,7 +29,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import check, note, scrape                         # noqa: E402
 import redis_helper as R                                        # noqa: E402
 
 CHAT = "/v1/chat/completions"
@@ -39,10 +39,6 @@ SHARED = {}         # the memory-only dsgate and fake most tests share
 
 def tid():
     return uuid.uuid4().hex[:12]
-
-
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
 
 
 def chat(content, stream=False, model="deepseek-chat"):
@@ -152,23 +148,6 @@ def content_of(r):
 def sse_done(st):
     data = [e["data"] for e in st.events if e["data"] is not None]
     return bool(data) and data[-1] == "[DONE]"
-
-
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def scrape(port):
-    r = H.request(port, "GET", "/metrics", timeout=5.0)
-    check(r.status == 200, "/metrics: %s", r.status)
-    out = []
-    for line in r.body.decode("utf-8", "replace").splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m:
-            out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return out
 
 
 def metric(samples, name, **labels):

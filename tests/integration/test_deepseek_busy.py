@@ -37,46 +37,29 @@ import concurrent.futures
 import json
 import os
 import sys
-import threading
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import CHAT, chat_body, check, note                # noqa: E402
+from harness import log_for, wait_access                        # noqa: E402
 
-CHAT = "/v1/chat/completions"
 STARTED = []        # fakes, scripted upstreams and dsgates of the running test
 DSGATES = []        # the dsgates of the running test (their logs are scanned after it)
 
 
 def tid():
-    return "dsb-" + uuid.uuid4().hex[:12]
-
-
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
-
-
-def chat_body(content, stream=False, model="deepseek-chat"):
-    b = {"model": model, "messages": [{"role": "user", "content": content}]}
-    if stream:
-        b["stream"] = True
-    return json.dumps(b).encode()
+    return H.test_id("dsb-")
 
 
 # ---------------------------------------------------------------- processes
 
 def fake(*args, name="dsbusy"):
-    f = H.Fake(*args, name=name)
-    STARTED.append(f)
-    return f
+    return H.start_fake(STARTED, *args, name=name)
 
 
 def scripted(script):
-    s = H.ScriptedUpstream(script)
-    STARTED.append(s)
-    return s
+    return H.start_scripted(STARTED, script)
 
 
 def closed_port_url():
@@ -94,15 +77,7 @@ def config(port, ups, attempts=2, base="20ms", cap="200ms", jitter="full", budge
         "upstreams:",
     ]
     for name, url in ups:
-        lines += [
-            "  - name: %s" % name,
-            "    url: %s" % H.yaml_quote(url),
-            "    max_inflight: %d" % max_inflight,
-        ]
-        if adaptive is not None:
-            lines.append("    adaptive: %s" % ("true" if adaptive else "false"))
-        lines.append("    timeouts: {connect: %s, first_data: %s, idle: 30s, total: 0}"
-                     % (connect, first_data))
+        lines += H.upstream_yaml(name, url, max_inflight, adaptive, connect, first_data)
     lines += [
         "queue:",
         "  max_queued: 10000",
@@ -128,48 +103,11 @@ def config(port, ups, attempts=2, base="20ms", cap="200ms", jitter="full", budge
 def dsgate(ups, tag, **cfg):
     if isinstance(ups, str):
         ups = [("up", ups)]
-    port = H.free_port()
-    d = H.Dsgate(config_text=config(port, ups, **cfg), tag="dsbusy-" + tag, port=port)
-    STARTED.append(d)
-    DSGATES.append(d)
-    return d
+    return H.start_dsgate(lambda port: config(port, ups, **cfg), "dsbusy-" + tag,
+                          STARTED, DSGATES)
 
 
-BAD_LOG = ("runtime error:", "AddressSanitizer", "LeakSanitizer")
-
-
-def log_problems(d):
-    return [ln.strip() for ln in d.log_text().splitlines() if any(b in ln for b in BAD_LOG)]
-
-
-def healthy(d):
-    """dsgate D is alive and its log has no sanitizer report."""
-    check(d.alive(), "dsgate died (exit %s): %s" % (d.proc.returncode, d.crash_summary()))
-    bad = log_problems(d)
-    check(not bad, "dsgate log: %s" % " | ".join(bad[:3]))
-
-
-def access_lines(d, path=CHAT):
-    """dsgate's access log lines (JSON objects) for PATH, oldest first."""
-    out = []
-    for ln in d.log_text().splitlines():
-        ln = ln.strip()
-        if not ln.startswith("{") or '"path"' not in ln:
-            continue
-        try:
-            j = json.loads(ln)
-        except ValueError:
-            continue
-        if j.get("path") == path and "status" in j and "attempts" in j:
-            out.append(j)
-    return out
-
-
-def wait_access(d, n, timeout=3.0):
-    got = H.wait_until(lambda: len(access_lines(d)) >= n, timeout, 0.02)
-    check(got, "%d access log lines for %s, want %d; log tail %r", len(access_lines(d)), CHAT,
-          n, d.log_tail(600))
-    return access_lines(d)
+healthy = H.check_healthy
 
 
 def readyz(port):
@@ -184,41 +122,11 @@ def states(port):
     return {u["name"]: (u["state"], u["reason"]) for u in j["upstreams"]}
 
 
-def log_for(f, test_id):
-    return [e for e in f.log() if (e.get("headers") or {}).get("x-test-id") == test_id]
-
-
 def attempts_of(r):
     return int(r.header("x-dsgate-attempts") or "0")
 
 
-class Pending:
-    """A request sent now whose answer a thread reads."""
-
-    def __init__(self, port, body, headers=None, timeout=15.0):
-        hs = list((headers or {}).items()) + [("Content-Type", "application/json"),
-                                               ("Connection", "close")]
-        self.conn = H.Conn(port, timeout=timeout)
-        self.timeout = timeout
-        self.resp = self.error = self.t_end = None
-        self.conn.send(H.build_request("POST", CHAT, hs, body, port=port))
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        try:
-            self.resp = self.conn.read_response(self.timeout)
-        except Exception as e:                  # noqa: BLE001
-            self.error = e
-        finally:
-            self.t_end = time.monotonic()
-            self.conn.close()
-
-    def wait(self, timeout):
-        self.thread.join(timeout)
-        check(not self.thread.is_alive(), "no answer within %.0fs", timeout)
-        check(self.resp is not None, "no response: %s", self.error)
-        return self.resp
+Pending = H.Pending     # a request sent now whose answer a thread reads
 
 
 # ---------------------------------------------------------------- scripted answers
@@ -825,17 +733,7 @@ TESTS = [
 ]
 
 
-def after_each(run, name):
-    """After the dsgates stopped: no sanitizer report in their logs (leaks
-    are reported at exit)."""
-    ds = list(DSGATES)
-    del DSGATES[:]
-    bad = []
-    for d in ds:
-        for ln in log_problems(d):
-            bad.append("%s: %s" % (os.path.basename(d.log_path), ln))
-    if bad:
-        run.fail(name + "_sanitizer", " | ".join(bad[:3]))
+after_each = H.sanitizer_after_each(DSGATES)
 
 
 def main():

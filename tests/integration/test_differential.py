@@ -48,11 +48,10 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import check, note                                 # noqa: E402
 
 try:
     import h11
@@ -70,12 +69,8 @@ NODE_REF = os.path.join(DIFF_DIR, "node_ref.js")
 STARTED = []
 
 
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
-
-
 def tid():
-    return uuid.uuid4().hex[:12]
+    return H.test_id()
 
 
 # ---------------------------------------------------------------- processes

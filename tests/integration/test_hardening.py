@@ -45,7 +45,7 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
 import redis_helper as R                                        # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import check, note                                 # noqa: E402
 
 CHAT = "/v1/chat/completions"
 TMP = tempfile.mkdtemp(prefix="hard-", dir=H._tmp_root)
@@ -61,10 +61,6 @@ OTHERS = []             # fakes, listeners, servers started by the running test
 
 def tid():
     return uuid.uuid4().hex[:12]
-
-
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
 
 
 def chat(content="hello", stream=False, model="deepseek-chat"):

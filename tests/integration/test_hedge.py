@@ -39,48 +39,31 @@ no sanitizer report.  About 25 s.  `test_hedge.py NAME...` runs only those.
 
 import json
 import os
-import re
 import sys
 import threading
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import CHAT, chat_body, check, note                # noqa: E402
+from harness import log_for, scrape, wait_access                # noqa: E402
 
-CHAT = "/v1/chat/completions"
 STARTED = []        # fakes, scripted upstreams and dsgates of the running test
 DSGATES = []        # the dsgates of the running test (logs scanned after it)
 
 
 def tid():
-    return "hedge-" + uuid.uuid4().hex[:12]
-
-
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
-
-
-def chat_body(content, stream=False, model="deepseek-chat"):
-    b = {"model": model, "messages": [{"role": "user", "content": content}]}
-    if stream:
-        b["stream"] = True
-    return json.dumps(b).encode()
+    return H.test_id("hedge-")
 
 
 # ---------------------------------------------------------------- processes
 
 def fake(*args, name="hedge"):
-    f = H.Fake(*args, name=name)
-    STARTED.append(f)
-    return f
+    return H.start_fake(STARTED, *args, name=name)
 
 
 def scripted(script):
-    s = H.ScriptedUpstream(script)
-    STARTED.append(s)
-    return s
+    return H.start_scripted(STARTED, script)
 
 
 def config(port, ups, attempts=3, cache=False, keepalive_after="0s", first_data="30s"):
@@ -92,16 +75,8 @@ def config(port, ups, attempts=3, cache=False, keepalive_after="0s", first_data=
         "upstreams:",
     ]
     for name, url, hedge in ups:
-        t = "connect: 2s, first_data: %s, idle: 30s, total: 0" % first_data
-        if hedge is not None:
-            t += ", hedge_after: %s" % hedge
-        lines += [
-            "  - name: %s" % name,
-            "    url: %s" % H.yaml_quote(url),
-            "    max_inflight: 16",
-            "    adaptive: false",
-            "    timeouts: {%s}" % t,
-        ]
+        lines += H.upstream_yaml(name, url, first_data=first_data, extra_timeouts=(
+            "" if hedge is None else ", hedge_after: %s" % hedge))
     lines += [
         "queue:",
         "  max_queued: 1000",
@@ -121,64 +96,11 @@ def config(port, ups, attempts=3, cache=False, keepalive_after="0s", first_data=
 
 
 def dsgate(ups, tag, **cfg):
-    port = H.free_port()
-    d = H.Dsgate(config_text=config(port, ups, **cfg), tag="hedge-" + tag, port=port)
-    STARTED.append(d)
-    DSGATES.append(d)
-    return d
+    return H.start_dsgate(lambda port: config(port, ups, **cfg), "hedge-" + tag,
+                          STARTED, DSGATES)
 
 
-BAD_LOG = ("runtime error:", "AddressSanitizer", "LeakSanitizer")
-
-
-def log_problems(d):
-    return [ln.strip() for ln in d.log_text().splitlines() if any(b in ln for b in BAD_LOG)]
-
-
-def healthy(d):
-    """dsgate D is alive and its log has no sanitizer report."""
-    check(d.alive(), "dsgate died (exit %s): %s" % (d.proc.returncode, d.crash_summary()))
-    bad = log_problems(d)
-    check(not bad, "dsgate log: %s" % " | ".join(bad[:3]))
-
-
-def access_lines(d, path=CHAT):
-    out = []
-    for ln in d.log_text().splitlines():
-        ln = ln.strip()
-        if not ln.startswith("{") or '"path"' not in ln:
-            continue
-        try:
-            j = json.loads(ln)
-        except ValueError:
-            continue
-        if j.get("path") == path and "status" in j and "attempts" in j:
-            out.append(j)
-    return out
-
-
-def wait_access(d, n, timeout=3.0):
-    got = H.wait_until(lambda: len(access_lines(d)) >= n, timeout, 0.02)
-    check(got, "%d access log lines for %s, want %d; log tail %r", len(access_lines(d)), CHAT,
-          n, d.log_tail(600))
-    return access_lines(d)
-
-
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def scrape(port):
-    r = H.request(port, "GET", "/metrics", timeout=5.0)
-    check(r.status == 200, "/metrics: %s", r.status)
-    out = []
-    for line in r.body.decode("utf-8", "replace").splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m:
-            out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return out
+healthy = H.check_healthy
 
 
 def hedges(d):
@@ -195,10 +117,6 @@ def expect_hedges(d, want, timeout=2.0):
     """dsgate_hedges_total is exactly WANT ({(upstream, outcome): n}), within TIMEOUT s."""
     got = H.wait_until(lambda: hedges(d) == want, timeout, 0.05)
     check(got, "dsgate_hedges_total %r, want %r", hedges(d), want)
-
-
-def log_for(f, test_id):
-    return [e for e in f.log() if (e.get("headers") or {}).get("x-test-id") == test_id]
 
 
 def wait_closed(f, test_id, timeout=2.0):
@@ -748,17 +666,7 @@ TESTS = [
 ]
 
 
-def after_each(run, name):
-    """After the dsgates stopped: no sanitizer report in their logs (leaks
-    are reported at exit)."""
-    ds = list(DSGATES)
-    del DSGATES[:]
-    bad = []
-    for d in ds:
-        for ln in log_problems(d):
-            bad.append("%s: %s" % (os.path.basename(d.log_path), ln))
-    if bad:
-        run.fail(name + "_sanitizer", " | ".join(bad[:3]))
+after_each = H.sanitizer_after_each(DSGATES)
 
 
 def main():

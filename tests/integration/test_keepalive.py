@@ -65,13 +65,11 @@ import json                                                     # noqa: E402
 import socket                                                   # noqa: E402
 import threading                                                # noqa: E402
 import time                                                     # noqa: E402
-import uuid                                                     # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import CHAT, check, note                           # noqa: E402
 
-CHAT = "/v1/chat/completions"
 STARTED = []        # fakes, scripted upstreams and dsgates of the running test
 DSGATES = []        # the dsgates of the running test (their logs are scanned after it)
 KA_SSE = b": keep-alive\n\n"
@@ -79,32 +77,20 @@ FAKE_400_MSG = "Invalid request (fake)"
 
 
 def tid():
-    return "ka-" + uuid.uuid4().hex[:12]
+    return H.test_id("ka-")
 
 
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
-
-
-def chat(content, stream=False, model="deepseek-chat"):
-    b = {"model": model, "messages": [{"role": "user", "content": content}]}
-    if stream:
-        b["stream"] = True
-    return b
+chat = H.chat_request
 
 
 # ---------------------------------------------------------------- processes
 
 def fake(*args, name="ka"):
-    f = H.Fake(*args, name=name)
-    STARTED.append(f)
-    return f
+    return H.start_fake(STARTED, *args, name=name)
 
 
 def scripted(script):
-    s = H.ScriptedUpstream(script)
-    STARTED.append(s)
-    return s
+    return H.start_scripted(STARTED, script)
 
 
 def config(port, url, after="300ms", every="200ms", max_inflight=16, max_wait="20s",
@@ -114,11 +100,7 @@ def config(port, url, after="300ms", every="200ms", max_inflight=16, max_wait="2
         "# written by tests/integration/test_keepalive.py",
         "listen: 127.0.0.1:%d" % port,
         "upstreams:",
-        "  - name: up",
-        "    url: %s" % H.yaml_quote(url),
-        "    max_inflight: %d" % max_inflight,
-        "    adaptive: false",
-        "    timeouts: {connect: 2s, first_data: 30s, idle: 30s, total: 0}",
+    ] + H.upstream_yaml("up", url, max_inflight) + [
         "queue:",
         "  max_wait: %s" % max_wait,
         "retry:",
@@ -138,48 +120,15 @@ def config(port, url, after="300ms", every="200ms", max_inflight=16, max_wait="2
 
 
 def dsgate(url, tag, **cfg):
-    port = H.free_port()
-    d = H.Dsgate(config_text=config(port, url, **cfg), tag="ka-" + tag, port=port)
-    STARTED.append(d)
-    DSGATES.append(d)
-    return d
+    return H.start_dsgate(lambda port: config(port, url, **cfg), "ka-" + tag,
+                          STARTED, DSGATES)
 
 
-BAD_LOG = ("runtime error:", "AddressSanitizer", "LeakSanitizer")
-
-
-def log_problems(d):
-    return [ln.strip() for ln in d.log_text().splitlines() if any(b in ln for b in BAD_LOG)]
-
-
-def healthy(d):
-    """dsgate D is alive and its log has no sanitizer report."""
-    check(d.alive(), "dsgate died (exit %s): %s" % (d.proc.returncode, d.crash_summary()))
-    bad = log_problems(d)
-    check(not bad, "dsgate log: %s" % " | ".join(bad[:3]))
-
-
-def access_lines(d, path=CHAT):
-    """dsgate's access log lines (JSON objects) for PATH, oldest first."""
-    out = []
-    for ln in d.log_text().splitlines():
-        ln = ln.strip()
-        if not ln.startswith("{") or '"path"' not in ln:
-            continue
-        try:
-            j = json.loads(ln)
-        except ValueError:
-            continue
-        if j.get("path") == path and "status" in j and "attempts" in j:
-            out.append(j)
-    return out
+healthy = H.check_healthy
 
 
 def wait_access(d, n, path=CHAT, timeout=4.0):
-    got = H.wait_until(lambda: len(access_lines(d, path)) >= n, timeout, 0.02)
-    check(got, "%d access log lines for %s, want %d; log tail %r", len(access_lines(d, path)),
-          path, n, d.log_tail(600))
-    return access_lines(d, path)
+    return H.wait_access(d, n, path, timeout)
 
 
 # ---------------------------------------------------------------- a timed client
@@ -834,17 +783,7 @@ TESTS = [
 ]
 
 
-def after_each(run, name):
-    """After the dsgates stopped: no sanitizer report in their logs (leaks
-    are reported at exit)."""
-    ds = list(DSGATES)
-    del DSGATES[:]
-    bad = []
-    for d in ds:
-        for ln in log_problems(d):
-            bad.append("%s: %s" % (os.path.basename(d.log_path), ln))
-    if bad:
-        run.fail(name + "_sanitizer", " | ".join(bad[:3]))
+after_each = H.sanitizer_after_each(DSGATES)
 
 
 def main():

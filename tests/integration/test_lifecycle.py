@@ -36,42 +36,30 @@ Usage: test_lifecycle.py [test names...]
 
 import json
 import os
-import re
 import socket
 import sys
-import threading
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import CHAT, check, note, scrape                   # noqa: E402
 
 try:
     import redis_helper as R                                    # noqa: E402
 except Exception:                                               # noqa: BLE001
     R = None
 
-CHAT = "/v1/chat/completions"
 WARM = "/chat/completions"      # requests that are not the test's own (not counted)
 P = {}
 BACKOFF_S = 0.4
-SANITIZER = ("runtime error:", "AddressSanitizer", "LeakSanitizer")
+SANITIZER = H.SANITIZER_MARKS
 
 
 def tid():
-    return uuid.uuid4().hex[:10]
+    return H.test_id(n=10)
 
 
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
-
-
-def chat(content, stream=False):
-    b = {"model": "deepseek-chat", "messages": [{"role": "user", "content": content}]}
-    if stream:
-        b["stream"] = True
-    return json.dumps(b).encode()
+chat = H.chat_body
 
 
 # ---------------------------------------------------------------- processes
@@ -85,13 +73,7 @@ def config(port, ups, routing="failover", attempts=3, base="400ms", cap="400ms",
         "upstreams:",
     ]
     for name, url, mi in ups:
-        lines += [
-            "  - name: %s" % name,
-            "    url: %s" % H.yaml_quote(url),
-            "    max_inflight: %d" % mi,
-            "    adaptive: false",
-            "    timeouts: {connect: 2s, first_data: 30s, idle: 30s, total: 0}",
-        ]
+        lines += H.upstream_yaml(name, url, mi)
     lines += [
         "routing: %s" % routing,
         "queue:",
@@ -138,23 +120,6 @@ class Gate(H.Dsgate):
 
 # ---------------------------------------------------------------- metrics
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def scrape(port):
-    r = H.request(port, "GET", "/metrics", timeout=5.0)
-    check(r.status == 200, "/metrics: %s", r.status)
-    out = []
-    for line in r.body.decode("utf-8", "replace").splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m:
-            out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return out
-
-
 def metric(samples, name, **labels):
     """Sum of NAME's samples whose labels include LABELS (0 if none)."""
     return sum(v for n, ls, v in samples
@@ -163,38 +128,21 @@ def metric(samples, name, **labels):
 
 # ---------------------------------------------------------------- clients
 
-class Client:
+class Client(H.Pending):
     """One request on its own connection, sent at once.  read=True: a thread
     reads the whole answer; otherwise the test reads (or leaves) itself."""
 
     def __init__(self, ctx, body, headers, stream=False, read=True, timeout=15.0,
                  path=CHAT, gate=None):
-        hs = list(headers.items()) if isinstance(headers, dict) else list(headers)
-        hs += [("Content-Type", "application/json"), ("Connection", "close")]
-        if stream:
-            hs.append(("Accept", "text/event-stream"))
         self.stream = stream
-        self.timeout = timeout
-        self.resp = None
-        self.error = None
         self.head = None
         self.events = []
-        port = (gate or ctx.d).port
-        self.conn = H.Conn(port, timeout=timeout)
-        ctx.clients.append(self)
-        self.conn.send(H.build_request("POST", path, hs, body, port=port))
-        self.thread = None
-        if read:
-            self.thread = threading.Thread(target=self._read, daemon=True)
-            self.thread.start()
+        self.ctx = ctx
+        super().__init__((gate or ctx.d).port, body, headers, path=path, timeout=timeout,
+                         read=read, accept="text/event-stream" if stream else None)
 
-    def _read(self):
-        try:
-            self.resp = self.conn.read_response(self.timeout)
-        except Exception as e:                  # noqa: BLE001
-            self.error = e
-        finally:
-            self.close()
+    def _opened(self):
+        self.ctx.clients.append(self)
 
     def read_head(self, timeout=5.0):
         self.head = self.conn.read_head(timeout)
@@ -221,12 +169,6 @@ class Client:
         self.conn.close()
 
     leave = close
-
-    def wait(self, timeout=None):
-        self.thread.join(timeout if timeout is not None else self.timeout + 5)
-        check(not self.thread.is_alive(), "no answer within %.0fs", self.timeout)
-        check(self.resp is not None, "no response: %s", self.error)
-        return self.resp
 
 
 def expect_ok(c, prompt, what, stream=None):

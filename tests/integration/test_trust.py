@@ -20,37 +20,24 @@ test_trust: credentials never cross, and routing reads the body the check accept
 `test_trust.py NAME...` runs only those tests.
 """
 
-import json
 import os
 import sys
 import threading
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import CHAT, check, note                           # noqa: E402
 
-CHAT = "/v1/chat/completions"
 STARTED = []
 
 
 def tid():
-    return "trust-" + uuid.uuid4().hex[:12]
-
-
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
-
-
-def body(content, model="deepseek-chat"):
-    return json.dumps({"model": model, "messages": [{"role": "user", "content": content}]})
+    return H.test_id("trust-")
 
 
 def fake(*args, name="trust"):
-    f = H.Fake(*args, name=name)
-    STARTED.append(f)
-    return f
+    return H.start_fake(STARTED, *args, name=name)
 
 
 def config(port, ups, cache=False, keep_alive=False):
@@ -84,7 +71,7 @@ def dsgate(ups, tag, binary=None, **kw):
 def post(port, content, headers=None, model="deepseek-chat"):
     hs = {"Content-Type": "application/json"}
     hs.update(headers or {})
-    return H.request(port, "POST", CHAT, headers=hs, body=body(content, model), timeout=15.0)
+    return H.request(port, "POST", CHAT, headers=hs, body=H.chat_body(content, model=model), timeout=15.0)
 
 
 def states(port):

@@ -19,29 +19,20 @@ import socket
 import sys
 import threading
 import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import CHAT, check, note                           # noqa: E402
 
-CHAT = "/v1/chat/completions"
 STARTED = []
 
 
 def tid():
-    return uuid.uuid4().hex[:12]
-
-
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
+    return H.test_id()
 
 
 def chat(content="hello", stream=False):
-    b = {"model": "deepseek-chat", "messages": [{"role": "user", "content": content}]}
-    if stream:
-        b["stream"] = True
-    return b
+    return H.chat_request(content, stream)
 
 
 def start(script, **cfg):

@@ -21,7 +21,6 @@ takes well under 2 minutes.  Numbers worth seeing are printed as `# ` lines.
 
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H                                             # noqa: E402
-from harness import check                                       # noqa: E402
+from harness import check, note, scrape                         # noqa: E402
 
 CHAT = "/v1/chat/completions"
 STARTED = []        # fakes and dsgates started by the running test, stopped after it
@@ -37,10 +36,6 @@ STARTED = []        # fakes and dsgates started by the running test, stopped aft
 
 def tid():
     return uuid.uuid4().hex[:12]
-
-
-def note(fmt, *args):
-    print("# " + (fmt % args if args else fmt), flush=True)
 
 
 def chat_body(content="hello", model="deepseek-chat", stream=False):
@@ -247,23 +242,6 @@ def states(port):
 def ups_of(port):
     _, j = readyz(port)
     return {u["name"]: u for u in j["upstreams"]}
-
-
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def scrape(port):
-    r = H.request(port, "GET", "/metrics", timeout=5.0)
-    check(r.status == 200, "/metrics: %s", r.status)
-    out = []
-    for line in r.body.decode("utf-8", "replace").splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m:
-            out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return out
 
 
 def metric(samples, name, **labels):
