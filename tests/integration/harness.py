@@ -733,7 +733,7 @@ class UpstreamRequest:
 
 
 _ANSWER_KEYS = {"status", "reason", "headers", "body", "framing", "raw", "delay_ms",
-                "action", "at", "hold_ms"}
+                "action", "at", "hold_ms", "fin"}
 _ACTIONS = ("close", "keep", "reset", "hold")
 NEVER = {"action": "hold", "at": "start"}     # accept the request, never answer
 
@@ -793,6 +793,11 @@ class ScriptedUpstream:
                        (with raw: the first k pieces), "start" before any byte
                        (hold: never answer; reset: a reset for an answer)
       hold_ms          the most a hold lasts (default 30000)
+      fin              True (plain HTTP, action close): the answer's last bytes
+                       and the FIN leave in one segment (TCP_CORK, then
+                       shutdown), so that the client sees the close as soon
+                       as it has read the answer and never reuses the
+                       connection
     NEVER is {"action": "hold", "at": "start"}.
 
     http=False: no HTTP parsing; each connection's first bytes (what one read
@@ -1066,6 +1071,11 @@ class ScriptedUpstream:
             return False
         if at == "start":
             return self._act(c, req, ans, action)
+        if ans.get("fin") and self.ctx is None:
+            try:
+                c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            except OSError:
+                pass
         if "raw" in ans:
             pieces = _pieces(ans["raw"])
             framing = "none"
@@ -1111,6 +1121,11 @@ class ScriptedUpstream:
     def _act(self, c, req, ans, action):
         if action == "keep":
             return True
+        if ans.get("fin") and self.ctx is None and action == "close":
+            try:
+                c.sock.shutdown(socket.SHUT_WR)     # the corked bytes go with the FIN
+            except OSError:
+                pass
         if action == "hold":
             self._pause(c, req, ans.get("hold_ms", 30000))
         elif action == "reset":
