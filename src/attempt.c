@@ -71,6 +71,18 @@ named_by_connection(const char *conn, const char *name)
     return false;
 }
 
+/* Is NAME listed by any of the answer's Connection headers (there may be several)? */
+static bool
+named_by_any_connection(const struct http_header *h, size_t n, const char *name)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (strcasecmp(h[i].name, "Connection") == 0 && named_by_connection(h[i].value, name)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 bool
 attempt_header_forwardable(const char *name, const char *connection)
 {
@@ -274,12 +286,10 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
     struct http_header out[ATTEMPT_MAX_HEADERS + REPLY_MAX_HEADERS];
     size_t no = 0;
     int64_t clen = -1;
-    const char *conn = NULL, *retry_after = NULL, *ctype = NULL;
+    const char *retry_after = NULL, *ctype = NULL;
 
     for (size_t i = 0; i < n; i++) {
-        if (strcasecmp(hdrs[i].name, "Connection") == 0) {
-            conn = hdrs[i].value;
-        } else if (strcasecmp(hdrs[i].name, "Retry-After") == 0) {
+        if (strcasecmp(hdrs[i].name, "Retry-After") == 0) {
             retry_after = hdrs[i].value;
         } else if (strcasecmp(hdrs[i].name, "Content-Type") == 0) {
             ctype = hdrs[i].value;
@@ -322,7 +332,7 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
     for (size_t i = 0; i < n && no < ATTEMPT_MAX_HEADERS; i++) {
         const char *name = hdrs[i].name;
         if (strcasecmp(name, "Content-Length") == 0 || is_hop_by_hop(name) ||
-            named_by_connection(conn, name)) {
+            named_by_any_connection(hdrs, n, name)) {
             continue;
         }
         out[no++] = hdrs[i];

@@ -237,8 +237,10 @@ schedule_retry(struct request *r, const char *reason)
 static bool
 closed_before_data(const struct request *r, const struct attempt_result *res)
 {
+    /* kept alive first (keep-alives seen, or dsgate's own head): a plain empty 200 is passed on */
+    bool held = r->att->held || r->att->held_told || r->early;
     return res->outcome == ATT_OK && res->status == 200 && !r->data_sent && r->cache_path &&
-           (r->sse || res->head_pending || r->early);
+           held && (r->sse || res->head_pending || r->early);
 }
 
 /* An attempt is over: count it, then retry, answer or fail, by rules[]. */

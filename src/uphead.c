@@ -85,32 +85,115 @@ uphead_line(const char *p, size_t len, struct uphead_field *f, const char **why)
     return UPHEAD_FIELD;
 }
 
+bool
+uphead_status_line(const char *p, size_t len, bool h2)
+{
+    size_t n = len;
+
+    if (n >= 2 && p[n - 2] == '\r' && p[n - 1] == '\n') {
+        n -= 2;
+    } else {
+        return false;
+    }
+    /* HTTP/1.x SP 3DIGIT [SP reason]; libcurl writes "HTTP/2 200 " itself for HTTP/2 */
+    size_t v = h2 ? 7 : 9;
+    if (n < v + 3 || memcmp(p, h2 ? "HTTP/2 " : "HTTP/1.", h2 ? 7 : 7) != 0 ||
+        (!h2 && ((p[7] != '0' && p[7] != '1') || p[8] != ' '))) {
+        return false;
+    }
+    for (size_t i = v; i < v + 3; i++) {
+        if (p[i] < '0' || p[i] > '9') {
+            return false;
+        }
+    }
+    if (n == v + 3) {
+        return true;
+    }
+    if (p[v + 3] != ' ') {
+        return false;
+    }
+    for (size_t i = v + 4; i < n; i++) {
+        if (!is_value_byte((unsigned char)p[i])) {
+            return false; /* a bare CR or a control byte in the reason */
+        }
+    }
+    return true;
+}
+
+/* A Content-Length value: one number, or a list of the same number; -1 otherwise. */
+static int64_t
+length_value(const char *v)
+{
+    int64_t first = -1;
+
+    for (const char *p = v;;) {
+        p += strspn(p, " \t");
+        size_t d = strspn(p, "0123456789");
+        if (d == 0 || d > 18) {
+            return -1;
+        }
+        int64_t x = 0;
+        for (size_t i = 0; i < d; i++) {
+            x = x * 10 + (p[i] - '0');
+        }
+        if (first >= 0 && x != first) {
+            return -1;
+        }
+        first = x;
+        p += d;
+        p += strspn(p, " \t");
+        if (*p == '\0') {
+            return first;
+        }
+        if (*p++ != ',') {
+            return -1;
+        }
+    }
+}
+
+bool
+uphead_framing_ok(const struct http_header *h, size_t n, const char **why)
+{
+    size_t nte = 0;
+    int64_t cl = -2;
+
+    for (size_t i = 0; i < n; i++) {
+        if (strcasecmp(h[i].name, "Transfer-Encoding") == 0) {
+            nte++;
+            if (nte > 1 || strcasecmp(h[i].value, "chunked") != 0) {
+                *why = "a Transfer-Encoding other than one chunked";
+                return false;
+            }
+        } else if (strcasecmp(h[i].name, "Content-Length") == 0) {
+            int64_t v = length_value(h[i].value);
+            if (v < 0 || (cl >= 0 && v != cl)) {
+                *why = "an invalid Content-Length";
+                return false;
+            }
+            cl = v;
+        }
+    }
+    return true; /* with Transfer-Encoding any Content-Length is ignored (not forwarded) */
+}
+
 int64_t
 uphead_length(const struct http_header *h, size_t n)
 {
-    const char *cl = NULL;
-    size_t ncl = 0;
+    int64_t cl = -1;
 
     for (size_t i = 0; i < n; i++) {
         if (strcasecmp(h[i].name, "Transfer-Encoding") == 0) {
             return -1; /* whatever it says, curl decoded it: the length is not the upstream's */
         }
         if (strcasecmp(h[i].name, "Content-Length") == 0) {
-            cl = h[i].value;
-            ncl++;
+            int64_t v = length_value(h[i].value);
+            if (v < 0 || (cl >= 0 && v != cl)) {
+                return -1; /* not one number: uphead_framing_ok refuses the answer */
+            }
+            cl = v;
         }
     }
-    if (ncl != 1 || !cl[0]) {
-        return -1;
-    }
-    int64_t v = 0;
-    for (const char *p = cl; *p; p++) {
-        if (*p < '0' || *p > '9' || p - cl >= 18) {
-            return -1;
-        }
-        v = v * 10 + (*p - '0');
-    }
-    return v;
+    return cl;
 }
 
 bool

@@ -37,6 +37,17 @@ struct uphead_field {
  */
 enum uphead_kind uphead_line(const char *p, size_t len, struct uphead_field *f, const char **why);
 
+/*
+ * Is the status line LEN bytes at P well-formed ("HTTP/1.x NNN reason",
+ * CRLF; "HTTP/2 NNN" when the transfer is HTTP/2: libcurl's own line)?
+ */
+bool uphead_status_line(const char *p, size_t len, bool h2);
+/*
+ * The complete head's framing: at most one Transfer-Encoding, exactly
+ * "chunked"; Content-Length plain digits, the same number if repeated.
+ * Anything else is an invalid answer (RFC 9112 6.3: a proxy answers 502).
+ */
+bool uphead_framing_ok(const struct http_header *h, size_t n, const char **why);
 /* The reply's Content-Length from the upstream's headers, or -1: send it chunked. */
 int64_t uphead_length(const struct http_header *h, size_t n);
 

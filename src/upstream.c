@@ -34,6 +34,7 @@ struct upstream_ctx {
     struct event *timer;
     CURL *free_easy[FREE_EASY_MAX];
     size_t nfree;
+    bool reuse_easy; /* libcurl >= 8.1.0: before, a reset handle kept a freed header (curl#11101) */
 };
 
 struct up_xfer {
@@ -48,6 +49,7 @@ struct up_xfer {
     bool status_seen; /* a status line came: the upstream answered */
     bool want_status; /* the next header line is a status line */
     const char *invalid; /* why the answer is invalid (UP_INVALID), or NULL */
+    bool tls;            /* an https upstream (HTTP/2 by ALPN possible) */
     size_t head_bytes;
     /* timeouts.body: armed at the first body byte */
     int64_t body_ms;
@@ -205,7 +207,7 @@ xfer_release(struct up_xfer *x)
     struct upstream_ctx *ctx = x->ctx;
 
     if (x->easy) {
-        if (ctx->nfree < FREE_EASY_MAX) {
+        if (ctx->reuse_easy && ctx->nfree < FREE_EASY_MAX) {
             curl_easy_reset(x->easy);
             ctx->free_easy[ctx->nfree++] = x->easy;
         } else {
@@ -218,6 +220,15 @@ xfer_release(struct up_xfer *x)
     curl_slist_free_all(x->slist);
     free(x->hbuf);
     free(x);
+}
+
+/* Did the transfer reach the upstream (a connection was made)? */
+static bool
+connected(CURL *easy)
+{
+    curl_off_t t = 0;
+
+    return curl_easy_getinfo(easy, CURLINFO_CONNECT_TIME_T, &t) == CURLE_OK && t > 0;
 }
 
 static void
@@ -242,6 +253,11 @@ check_done(struct upstream_ctx *ctx)
             detail = x->invalid;
         } else if (res == UP_BROKEN && x->status_seen && !x->head_done && curl_rejected_head(rc)) {
             res = UP_INVALID; /* curl's own verdict on a head that came */
+        } else if (rc == CURLE_UNSUPPORTED_PROTOCOL && !x->status_seen && connected(easy)) {
+            /* bytes that are no HTTP answer (curl: "HTTP/0.9 when not allowed"): the
+             * upstream answered something invalid; it is not unreachable */
+            res = UP_INVALID;
+            detail = "not an HTTP answer";
         }
         if (res == UP_OK && !x->head_done) {
             res = UP_BROKEN;
@@ -279,6 +295,8 @@ static size_t
 head_invalid(struct up_xfer *x, const char *why)
 {
     x->invalid = why;
+    /* what else that connection carries cannot be trusted either */
+    curl_easy_setopt(x->easy, CURLOPT_FORBID_REUSE, 1L);
     return 0;
 }
 
@@ -296,8 +314,11 @@ header_cb(char *p, size_t size, size_t nmemb, void *arg)
         return head_invalid(x, "response head too large");
     }
     if (x->want_status || !x->status_seen) {
-        if (len < 5 || strncmp(p, "HTTP/", 5) != 0) {
-            return head_invalid(x, "no status line");
+        long ver = 0;
+        curl_easy_getinfo(x->easy, CURLINFO_HTTP_VERSION, &ver);
+        /* HTTP/2 only as negotiated by TLS ALPN: over plain http "HTTP/2" is text, no protocol */
+        if (!uphead_status_line(p, len, x->tls && ver == CURL_HTTP_VERSION_2_0)) {
+            return head_invalid(x, "invalid status line");
         }
         x->want_status = false;
         x->status_seen = true;
@@ -342,6 +363,9 @@ header_cb(char *p, size_t size, size_t nmemb, void *arg)
         q += strlen(q) + 1;
         hdrs[i].value = q;
         q += strlen(q) + 1;
+    }
+    if (!uphead_framing_ok(hdrs, x->nresp, &why)) {
+        return head_invalid(x, why);
     }
     x->head_done = true;
     if (x->cb->on_head(x->arg, (int)status, hdrs, x->nresp) == UP_ABORT) {
@@ -459,6 +483,7 @@ upstream_start(struct upstream_ctx *ctx, const struct up_request *rq, const stru
     }
     CURL *e = x->easy;
     curl_easy_setopt(e, CURLOPT_URL, rq->url);
+    x->tls = strncasecmp(rq->url, "https:", 6) == 0;
     curl_easy_setopt(e, CURLOPT_PRIVATE, x);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -537,6 +562,7 @@ upstream_ctx_new(struct event_base *base)
         return NULL;
     }
     ctx->base = base;
+    ctx->reuse_easy = curl_version_info(CURLVERSION_NOW)->version_num >= 0x080100;
     ctx->multi = curl_multi_init();
     ctx->timer = evtimer_new(base, timer_event_cb, ctx);
     if (!ctx->multi || !ctx->timer) {
