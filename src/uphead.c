@@ -214,3 +214,163 @@ uphead_encoded(const struct http_header *h, size_t n)
     }
     return false;
 }
+
+enum {
+    CK_SIZE,
+    CK_EXT,
+    CK_SIZE_LF,
+    CK_DATA,
+    CK_DATA_CR,
+    CK_DATA_LF,
+    CK_TRAILER_START,
+    CK_TRAILER,
+    CK_TRAILER_LF,
+    CK_FINAL_LF,
+    CK_DONE
+};
+
+void
+uphead_chunks_init(struct uphead_chunks *c)
+{
+    c->state = CK_SIZE;
+    c->left = 0;
+    c->ndig = 0;
+    c->colon = false;
+}
+
+static int
+hexdig(unsigned char b)
+{
+    return b >= '0' && b <= '9'   ? b - '0'
+           : b >= 'a' && b <= 'f' ? b - 'a' + 10
+           : b >= 'A' && b <= 'F' ? b - 'A' + 10
+                                  : -1;
+}
+
+static bool
+is_ctl(unsigned char b)
+{
+    return (b < 0x20 && b != '\t') || b == 0x7f;
+}
+
+long
+uphead_chunks_feed(struct uphead_chunks *c, const char *raw, size_t len, char *out,
+                   const char **why)
+{
+    size_t o = 0;
+
+    for (size_t i = 0; i < len;) {
+        unsigned char b = (unsigned char)raw[i];
+        switch (c->state) {
+        case CK_SIZE: {
+            int d = hexdig(b);
+            if (d >= 0) {
+                if (++c->ndig > 15) {
+                    *why = "chunk size too large";
+                    return -1;
+                }
+                c->left = c->left * 16 + (uint64_t)d;
+            } else if (c->ndig > 0 && b == ';') {
+                c->state = CK_EXT;
+            } else if (c->ndig > 0 && b == '\r') {
+                c->state = CK_SIZE_LF;
+            } else {
+                *why = "invalid chunk size line";
+                return -1;
+            }
+            i++;
+            break;
+        }
+        case CK_EXT:
+            if (b == '\r') {
+                c->state = CK_SIZE_LF;
+            } else if (is_ctl(b)) {
+                *why = "control byte in a chunk extension";
+                return -1;
+            }
+            i++;
+            break;
+        case CK_SIZE_LF:
+            if (b != '\n') {
+                *why = "bare CR in a chunk size line";
+                return -1;
+            }
+            c->state = c->left == 0 ? CK_TRAILER_START : CK_DATA;
+            i++;
+            break;
+        case CK_DATA: {
+            size_t n = len - i;
+            if (n > c->left) {
+                n = (size_t)c->left;
+            }
+            memcpy(out + o, raw + i, n);
+            o += n;
+            i += n;
+            c->left -= n;
+            if (c->left == 0) {
+                c->state = CK_DATA_CR;
+            }
+            break;
+        }
+        case CK_DATA_CR:
+        case CK_DATA_LF:
+            if (b != (c->state == CK_DATA_CR ? '\r' : '\n')) {
+                *why = "chunk data not followed by CRLF";
+                return -1;
+            }
+            if (c->state == CK_DATA_LF) {
+                c->ndig = 0;
+                c->left = 0;
+            }
+            c->state = c->state == CK_DATA_CR ? CK_DATA_LF : CK_SIZE;
+            i++;
+            break;
+        case CK_TRAILER_START:
+            if (b == '\r') {
+                c->state = CK_FINAL_LF;
+            } else if (is_tchar(b)) {
+                c->state = CK_TRAILER;
+                c->colon = false;
+            } else {
+                *why = "invalid trailer line";
+                return -1;
+            }
+            i++;
+            break;
+        case CK_TRAILER:
+            if (b == '\r') {
+                if (!c->colon) {
+                    *why = "trailer line without a colon";
+                    return -1;
+                }
+                c->state = CK_TRAILER_LF;
+            } else if (b == ':') {
+                c->colon = true;
+            } else if (is_ctl(b)) {
+                *why = "control byte in a trailer line";
+                return -1;
+            }
+            i++;
+            break;
+        case CK_TRAILER_LF:
+        case CK_FINAL_LF:
+            if (b != '\n') {
+                *why = "bare CR in the chunked trailer";
+                return -1;
+            }
+            c->state = c->state == CK_TRAILER_LF ? CK_TRAILER_START : CK_DONE;
+            i++;
+            break;
+        default:
+            *why = "data after the last chunk";
+            return -1;
+        }
+    }
+    return (long)o;
+}
+
+bool
+uphead_chunks_done(const struct uphead_chunks *c)
+{
+    return c->state == CK_DONE;
+}

@@ -54,4 +54,27 @@ int64_t uphead_length(const struct http_header *h, size_t n);
 /* Does a Content-Encoding other than identity apply to the body? */
 bool uphead_encoded(const struct http_header *h, size_t n);
 
+/*
+ * A chunked body, decoded by dsgate itself (RFC 9112 7.1), strictly: hex
+ * digits then CRLF or ";ext" CRLF, data, CRLF; trailers "name:value" CRLF;
+ * the final CRLF.  libcurl's own decoder is lenient (junk after a size, a
+ * bare LF or CR) and dsgate would only see its result.
+ */
+struct uphead_chunks {
+    int state;
+    uint64_t left;
+    unsigned ndig;
+    bool colon;
+};
+
+void uphead_chunks_init(struct uphead_chunks *c);
+/*
+ * Decode LEN raw bytes into OUT (room for LEN bytes): the number of data
+ * bytes written, or -1 when the framing is invalid (then *WHY says why).
+ */
+long uphead_chunks_feed(struct uphead_chunks *c, const char *raw, size_t len, char *out,
+                        const char **why);
+/* Did the body end (last chunk, trailers, final CRLF)? */
+bool uphead_chunks_done(const struct uphead_chunks *c);
+
 #endif

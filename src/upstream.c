@@ -57,6 +57,11 @@ struct up_xfer {
     /* the request body, handed to curl by read_cb (see upstream_start) */
     const char *body;
     size_t body_len, body_off;
+    /* a chunked answer, decoded here strictly (curl passes it raw) */
+    bool chunked;
+    struct uphead_chunks ck;
+    char *dec;
+    size_t dec_cap;
     /* response head being collected: "name\0value\0" pairs in one buffer */
     char *hbuf;
     size_t hlen, hcap;
@@ -219,6 +224,7 @@ xfer_release(struct up_xfer *x)
     }
     curl_slist_free_all(x->slist);
     free(x->hbuf);
+    free(x->dec);
     free(x);
 }
 
@@ -261,6 +267,10 @@ check_done(struct upstream_ctx *ctx)
         }
         if (res == UP_OK && !x->head_done) {
             res = UP_BROKEN;
+        }
+        if (res == UP_OK && x->chunked && !uphead_chunks_done(&x->ck)) {
+            res = UP_INVALID; /* curl's decoder ended where ours did not */
+            detail = "chunked body ended before its last chunk";
         }
         const struct up_callbacks *cb = x->cb;
         void *arg = x->arg;
@@ -367,6 +377,12 @@ header_cb(char *p, size_t size, size_t nmemb, void *arg)
     if (!uphead_framing_ok(hdrs, x->nresp, &why)) {
         return head_invalid(x, why);
     }
+    for (size_t i = 0; i < x->nresp; i++) {
+        if (strcasecmp(hdrs[i].name, "Transfer-Encoding") == 0) {
+            x->chunked = true; /* "chunked", the only one uphead_framing_ok lets through */
+            uphead_chunks_init(&x->ck);
+        }
+    }
     x->head_done = true;
     if (x->cb->on_head(x->arg, (int)status, hdrs, x->nresp) == UP_ABORT) {
         x->aborted = true;
@@ -412,8 +428,32 @@ write_cb(char *p, size_t size, size_t nmemb, void *arg)
             evtimer_add(x->body_timer, &tv);
         }
     }
-    int r = x->cb->on_data(x->arg, p, len);
+    const char *data = p;
+    size_t n = len;
+    struct uphead_chunks saved = x->ck;
+    if (x->chunked) {
+        if (x->dec_cap < len) {
+            char *b = realloc(x->dec, len);
+            if (!b) {
+                return 0;
+            }
+            x->dec = b;
+            x->dec_cap = len;
+        }
+        const char *why = NULL;
+        long got = uphead_chunks_feed(&x->ck, p, len, x->dec, &why);
+        if (got < 0) {
+            return head_invalid(x, why);
+        }
+        if (got == 0) {
+            return len; /* framing only */
+        }
+        data = x->dec;
+        n = (size_t)got;
+    }
+    int r = x->cb->on_data(x->arg, data, n);
     if (r == UP_PAUSE) {
+        x->ck = saved; /* curl hands the same bytes again on resume */
         x->paused = true;
         return CURL_WRITEFUNC_PAUSE;
     }
@@ -483,6 +523,8 @@ upstream_start(struct upstream_ctx *ctx, const struct up_request *rq, const stru
     }
     CURL *e = x->easy;
     curl_easy_setopt(e, CURLOPT_URL, rq->url);
+    /* chunked bodies come raw and are decoded in write_cb (uphead_chunks) */
+    curl_easy_setopt(e, CURLOPT_HTTP_TRANSFER_DECODING, 0L);
     x->tls = strncasecmp(rq->url, "https:", 6) == 0;
     curl_easy_setopt(e, CURLOPT_PRIVATE, x);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);

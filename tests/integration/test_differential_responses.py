@@ -624,37 +624,9 @@ def faithful(body, want):
     return body == want or body == want.lstrip(WS)
 
 
-# Known gap, not a pass: libcurl 7.88 (Debian 12) decodes chunked bodies
-# leniently (junk after a chunk size, bare LF or CR in chunk framing) and
-# dsgate only sees the decoded bytes.  Closing it needs dsgate's own chunk
-# decoder (CURLOPT_HTTP_TRANSFER_DECODING 0); until then these vectors are
-# reported as "# KNOWN" and do not fail the suite.  Every other vector does.
-KNOWN_CURL_CHUNK_LENIENCY = {"chunk_size_junk_after", "chunk_bare_lf", "chunk_bare_cr"}
-
-
-def transport_only(r):
-    """Did the run fail only by 502s of a dead pooled connection (upstream_reset,
-    upstream_unreachable), every other answer being whole?"""
-    seen = False
-    for a in (r.a1, r.a2):
-        if a is None:
-            return False
-        if a.kind == "complete" and is_502(a) and (b"upstream_reset" in a.body or
-                                                   b"upstream_unreachable" in a.body or
-                                                   b"upstream connection broke" in a.body):
-            seen = True
-        elif a.kind != "complete":
-            return False
-    return seen
-
-
 def judge_run(name, raw, hv, rv, r, up_count):
     """(outcome, failure or None) for one run: outcome forwarded / 502 / cut / broken."""
-    outcome, fail = _judge_run(name, raw, hv, rv, r, up_count)
-    if fail and name in KNOWN_CURL_CHUNK_LENIENCY:
-        note("KNOWN %s: %s", name, fail)
-        return outcome, None
-    return outcome, fail
+    return _judge_run(name, raw, hv, rv, r, up_count)
 
 
 def _judge_run(name, raw, hv, rv, r, up_count):
