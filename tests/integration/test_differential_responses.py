@@ -624,6 +624,22 @@ def faithful(body, want):
     return body == want or body == want.lstrip(WS)
 
 
+def transport_only(r):
+    """Did the run fail only by 502s of a dead pooled connection (upstream_reset,
+    upstream_unreachable), every other answer being whole?"""
+    seen = False
+    for a in (r.a1, r.a2):
+        if a is None:
+            return False
+        if a.kind == "complete" and is_502(a) and (b"upstream_reset" in a.body or
+                                                   b"upstream_unreachable" in a.body or
+                                                   b"upstream connection broke" in a.body):
+            seen = True
+        elif a.kind != "complete":
+            return False
+    return seen
+
+
 def judge_run(name, raw, hv, rv, r, up_count):
     """(outcome, failure or None) for one run: outcome forwarded / 502 / cut / broken."""
     return _judge_run(name, raw, hv, rv, r, up_count)
