@@ -140,15 +140,16 @@ client_headers_free(struct client_headers *ch)
     memset(ch, 0, sizeof(*ch));
 }
 
-/* A "Name: value" (or "Name;") line of a credential header: Authorization, x-api-key, api-key. */
+const char *const credential_headers[CREDENTIAL_HEADERS] = {"Authorization", "x-api-key",
+                                                             "api-key"};
+
+/* A "Name: value" (or "Name;") line of a credential header. */
 static bool
 is_credential_line(const char *l)
 {
-    static const char *const names[] = {"Authorization", "x-api-key", "api-key"};
-
-    for (size_t i = 0; i < 3; i++) {
-        size_t n = strlen(names[i]);
-        if (strncasecmp(l, names[i], n) == 0 && (l[n] == ':' || l[n] == ';')) {
+    for (size_t i = 0; i < CREDENTIAL_HEADERS; i++) {
+        size_t n = strlen(credential_headers[i]);
+        if (strncasecmp(l, credential_headers[i], n) == 0 && (l[n] == ':' || l[n] == ';')) {
             return true;
         }
     }

@@ -177,6 +177,14 @@ void attempt_resume(struct attempt *a);
 void attempt_free(struct attempt *a);
 
 /*
+ * The headers that carry a client's credential (Authorization; x-api-key as
+ * the Anthropic SDKs send it; api-key as Azure-style clients do): they scope
+ * the cache and coalescing, and none goes upstream next to dsgate's key.
+ */
+#define CREDENTIAL_HEADERS 3
+extern const char *const credential_headers[CREDENTIAL_HEADERS];
+
+/*
  * May a client header called NAME go upstream?  Not hop-by-hop, framing,
  * Host or dsgate's own; CONNECTION is the client's Connection header.
  */

@@ -8,6 +8,7 @@
 
 #include <jansson.h>
 
+#include "attempt.h"
 #include "cache.h"
 #include "gateway.h"
 #include "http.h"
@@ -36,8 +37,7 @@ lookup_directives(const struct http_req *hreq, bool *no_store, bool *no_cache)
 }
 
 /*
- * Every credential header the client sent (Authorization, x-api-key as the
- * Anthropic SDKs send it, api-key as Azure-style clients do), length-
+ * Every credential header the client sent (credential_headers), length-
  * prefixed so no two sets collide: the cache and coalescing scope.  NULL
  * with cache.shared (or out of memory, then nothing is shared: the
  * caller's key fails).  The caller frees it.
@@ -45,15 +45,14 @@ lookup_directives(const struct http_req *hreq, bool *no_store, bool *no_cache)
 static char *
 cache_credential(const struct gateway *gw, const struct http_req *hreq, bool *failed)
 {
-    static const char *const names[] = {"Authorization", "x-api-key", "api-key"};
     size_t n = 0;
 
     *failed = false;
     if (gw->conf->cache.shared) {
         return NULL;
     }
-    for (size_t i = 0; i < 3; i++) {
-        const char *v = http_req_header(hreq, names[i]);
+    for (size_t i = 0; i < CREDENTIAL_HEADERS; i++) {
+        const char *v = http_req_header(hreq, credential_headers[i]);
         n += 24 + (v ? strlen(v) : 0);
     }
     char *out = malloc(n + 1), *p = out;
@@ -61,8 +60,8 @@ cache_credential(const struct gateway *gw, const struct http_req *hreq, bool *fa
         *failed = true;
         return NULL;
     }
-    for (size_t i = 0; i < 3; i++) {
-        const char *v = http_req_header(hreq, names[i]);
+    for (size_t i = 0; i < CREDENTIAL_HEADERS; i++) {
+        const char *v = http_req_header(hreq, credential_headers[i]);
         p += sprintf(p, "%zu:%s;", v ? strlen(v) : (size_t)0, v ? v : "");
     }
     return out;
