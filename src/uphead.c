@@ -152,7 +152,7 @@ length_value(const char *v)
 }
 
 bool
-uphead_framing_ok(const struct http_header *h, size_t n, const char **why)
+uphead_framing_ok(const struct http_header *h, size_t n, bool *chunked, const char **why)
 {
     size_t nte = 0;
     int64_t cl = -2;
@@ -173,6 +173,7 @@ uphead_framing_ok(const struct http_header *h, size_t n, const char **why)
             cl = v;
         }
     }
+    *chunked = nte == 1;
     return true; /* with Transfer-Encoding any Content-Length is ignored (not forwarded) */
 }
 

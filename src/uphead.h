@@ -46,8 +46,9 @@ bool uphead_status_line(const char *p, size_t len, bool h2);
  * The complete head's framing: at most one Transfer-Encoding, exactly
  * "chunked"; Content-Length plain digits, the same number if repeated.
  * Anything else is an invalid answer (RFC 9112 6.3: a proxy answers 502).
+ * *CHUNKED: the body is chunked (decoded with uphead_chunks).
  */
-bool uphead_framing_ok(const struct http_header *h, size_t n, const char **why);
+bool uphead_framing_ok(const struct http_header *h, size_t n, bool *chunked, const char **why);
 /* The reply's Content-Length from the upstream's headers, or -1: send it chunked. */
 int64_t uphead_length(const struct http_header *h, size_t n);
 

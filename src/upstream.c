@@ -374,14 +374,11 @@ header_cb(char *p, size_t size, size_t nmemb, void *arg)
         hdrs[i].value = q;
         q += strlen(q) + 1;
     }
-    if (!uphead_framing_ok(hdrs, x->nresp, &why)) {
+    if (!uphead_framing_ok(hdrs, x->nresp, &x->chunked, &why)) {
         return head_invalid(x, why);
     }
-    for (size_t i = 0; i < x->nresp; i++) {
-        if (strcasecmp(hdrs[i].name, "Transfer-Encoding") == 0) {
-            x->chunked = true; /* "chunked", the only one uphead_framing_ok lets through */
-            uphead_chunks_init(&x->ck);
-        }
+    if (x->chunked) {
+        uphead_chunks_init(&x->ck);
     }
     x->head_done = true;
     if (x->cb->on_head(x->arg, (int)status, hdrs, x->nresp) == UP_ABORT) {

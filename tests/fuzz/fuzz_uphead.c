@@ -112,7 +112,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
     }
     const char *why = NULL;
-    bool framing = uphead_framing_ok(h, n, &why);
+    bool chunked = false;
+    bool framing = uphead_framing_ok(h, n, &chunked, &why);
+    if (framing && chunked != (te == 1)) {
+        fprintf(stderr, "chunked %d with Transfer-Encoding %d\n", chunked, te);
+        abort();
+    }
     if (clen < -1 || (clen >= 0 && (te || !framing))) {
         fprintf(stderr, "length %lld with Transfer-Encoding %d, framing ok %d\n",
                 (long long)clen, te, framing);
