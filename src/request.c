@@ -793,6 +793,19 @@ route(struct request *r)
     admit(r);
 }
 
+/* Back to the way upstream after a backoff or a shed: at once, or queued at T_ENQ_US's place. */
+static void
+requeue(struct request *r, int64_t t_enq_us)
+{
+    struct gw_upstream *up;
+
+    if (dispatch_requeue_at(r, &up, t_enq_us) == DISPATCH_GO) {
+        start_attempt(r, up);
+    } else {
+        set_state(r, REQ_QUEUED);
+    }
+}
+
 static void
 timer_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -808,15 +821,9 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
              END_QUEUE_TIMEOUT);
         request_end(r);
         return;
-    case REQ_BACKOFF: {
-        struct gw_upstream *up;
-        if (dispatch_requeue(r, &up) == DISPATCH_GO) {
-            start_attempt(r, up);
-        } else {
-            set_state(r, REQ_QUEUED);
-        }
+    case REQ_BACKOFF:
+        requeue(r, http_now_us());
         return;
-    }
     case REQ_ATTEMPT:
     case REQ_STREAMING:
         /* an upstream deadline */
@@ -906,8 +913,6 @@ on_dispatch_refuse(struct request *r, enum dispatch_refusal why, struct gw_upstr
 static void
 on_dispatch_shed(struct request *r)
 {
-    struct gw_upstream *up;
-
     assert(r->state == REQ_ATTEMPT);
     attempt_cancel(r->att);
     dispatch_count(r, "shed");
@@ -915,11 +920,7 @@ on_dispatch_shed(struct request *r)
     dispatch_release(r);
     r->shed++;
     r->status = 0;
-    if (dispatch_requeue_at(r, &up, r->t_start_us) == DISPATCH_GO) { /* its place, by arrival */
-        start_attempt(r, up);
-    } else {
-        set_state(r, REQ_QUEUED);
-    }
+    requeue(r, r->t_start_us); /* its place, by arrival */
 }
 
 static const struct dispatch_ops dispatch_ops = {on_dispatch_start, on_dispatch_refuse,
@@ -1177,6 +1178,17 @@ request_end(struct request *r)
     event_active(gw->later, EV_TIMEOUT, 0);
 }
 
+/* Free the ended requests (their last reference is the reap list's). */
+static void
+reap(struct gateway *gw)
+{
+    while (gw->reap) {
+        struct request *r = gw->reap;
+        gw->reap = r->later;
+        request_unref(r);
+    }
+}
+
 /*
  * From the loop: requests let go by a flight are dispatched, a pump asked
  * for inside a transfer's callback runs, then ended requests are freed.
@@ -1194,11 +1206,7 @@ later_cb(evutil_socket_t fd, short what, void *arg)
         r->later = NULL;
         route(r);
     }
-    while (gw->reap) {
-        struct request *r = gw->reap;
-        gw->reap = r->later;
-        request_unref(r);
-    }
+    reap(gw);
 }
 
 /* A request object for HREQ, counted and linked; NULL when out of memory (answered). */
@@ -1336,9 +1344,5 @@ request_shutdown(struct gateway *gw)
         reply_fail(r, 503, "shutting_down", "dsgate is shutting down; retry", END_SHUTDOWN);
         request_end(r);
     }
-    while (gw->reap) {
-        struct request *r = gw->reap;
-        gw->reap = r->later;
-        request_unref(r);
-    }
+    reap(gw);
 }
