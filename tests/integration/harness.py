@@ -1599,3 +1599,43 @@ class Pending:
         check(not self.thread.is_alive(), "no answer within %.0fs", t)
         check(self.resp is not None, "no response: %s", self.error)
         return self.resp
+
+
+# ---------------------------------------------------------------- differential corpora
+
+_ESC = re.compile(rb"\\(?:x([0-9a-fA-F]{2})|\{(\d+)\*(.)\}|(.))", re.S)
+_SIMPLE = {b"r": b"\r", b"n": b"\n", b"t": b"\t", b"\\": b"\\"}
+
+
+def corpus_unescape(s):
+    def rep(m):
+        if m.group(1):
+            return bytes([int(m.group(1), 16)])
+        if m.group(2):
+            return m.group(3) * int(m.group(2))
+        c = m.group(4)
+        if c not in _SIMPLE:
+            raise ValueError("unknown escape \\%s" % c.decode())
+        return _SIMPLE[c]
+    return _ESC.sub(rep, s)
+
+
+def load_corpus(path):
+    """The vectors of a tests/differential corpus file: [(name, raw bytes)], one per
+    line "NAME ESCAPED-BYTES" (\\r \\n \\t \\\\ \\xHH, \\{N*c} for c N times; # comments)."""
+    out = []
+    names = set()
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip(b"\n")
+            if not line or line.startswith(b"#"):
+                continue
+            name, sp, rest = line.partition(b" ")
+            if not sp:
+                raise ValueError("%s:%d: no bytes after the name" % (path, n))
+            name = name.decode()
+            if name in names:
+                raise ValueError("%s:%d: vector %s twice" % (path, n, name))
+            names.add(name)
+            out.append((name, corpus_unescape(rest)))
+    return out

@@ -403,40 +403,6 @@ def t_connection_close_long():
 
 # ==================================================================== 2. the differential suite
 
-_ESC = re.compile(rb"\\(?:x([0-9a-fA-F]{2})|\{(\d+)\*(.)\}|(.))", re.S)
-_SIMPLE = {b"r": b"\r", b"n": b"\n", b"t": b"\t", b"\\": b"\\"}
-
-
-def unescape(s):
-    def rep(m):
-        if m.group(1):
-            return bytes([int(m.group(1), 16)])
-        if m.group(2):
-            return m.group(3) * int(m.group(2))
-        c = m.group(4)
-        if c not in _SIMPLE:
-            raise ValueError("unknown escape \\%s" % c.decode())
-        return _SIMPLE[c]
-    return _ESC.sub(rep, s)
-
-
-def load_corpus(path=CORPUS):
-    out = []
-    names = set()
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip(b"\n")
-            if not line or line.startswith(b"#"):
-                continue
-            name, sp, rest = line.partition(b" ")
-            if not sp:
-                raise ValueError("%s:%d: no bytes after the name" % (path, n))
-            name = name.decode()
-            if name in names:
-                raise ValueError("%s:%d: vector %s twice" % (path, n, name))
-            names.add(name)
-            out.append((name, unescape(rest)))
-    return out
 
 
 def vector_bytes(raw, k):
@@ -553,7 +519,7 @@ def t_differential():
     smuggled request, or a forwarded request that differs from an accepting
     reference's."""
     check(h11 is not None, "python3-h11 is not installed (make deps)")
-    vectors = load_corpus()
+    vectors = H.load_corpus(CORPUS)
     check(len(vectors) >= 200, "only %d vectors in %s", len(vectors), CORPUS)
     node = NodeRef()
     STARTED.append(node)
