@@ -81,16 +81,16 @@ lookup_raw_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACH
 }
 
 bool
-lookup_known_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACHE_KEY_LEN])
+lookup_known_key(struct gateway *gw, const struct http_req *hreq, uint8_t key[CACHE_KEY_LEN],
+                 uint8_t raw[CACHE_KEY_LEN], bool *raw_ok)
 {
-    uint8_t raw[CACHE_KEY_LEN];
-
-    return lookup_raw_key(gw, hreq, raw) == 0 && cache_alias_get(gw->mem, raw, key);
+    *raw_ok = lookup_raw_key(gw, hreq, raw) == 0;
+    return *raw_ok && cache_alias_get(gw->mem, raw, key);
 }
 
 void
 lookup_prepare(struct request *r, const struct http_req *hreq, const void *doc,
-            const uint8_t *known_key)
+               const uint8_t *known_key, const uint8_t *raw_key)
 {
     struct gateway *gw = r->gw;
     bool no_store, no_cache, failed;
@@ -110,9 +110,11 @@ lookup_prepare(struct request *r, const struct http_req *hreq, const void *doc,
                                          r->key) < 0)) {
         r->store_ok = r->lookup = r->may_join = false;
         r->cache_status = CS_BYPASS;
+    } else if (r->store_ok && raw_key) {
+        cache_alias_put(gw->mem, raw_key, r->key); /* the same bytes again skip the parse */
     } else if (r->store_ok && cache_raw_key(gw->cache_group, r->method, r->target, hreq->body,
                                             hreq->body_len, cred, raw) == 0) {
-        cache_alias_put(gw->mem, raw, r->key); /* the same bytes again skip the parse */
+        cache_alias_put(gw->mem, raw, r->key);
     }
     free(cred);
 }

@@ -23,17 +23,20 @@ int lookup_raw_key(struct gateway *gw, const struct http_req *req, uint8_t key[3
 /*
  * The cache key of a request whose exact bytes were keyed before (found
  * through a digest of the raw bytes): its body needs no parsing.  True
- * when found.
+ * when found.  RAW gets the digest of the exact bytes on the way (*RAW_OK),
+ * for lookup_prepare.
  */
-bool lookup_known_key(struct gateway *gw, const struct http_req *req, uint8_t key[32]);
+bool lookup_known_key(struct gateway *gw, const struct http_req *req, uint8_t key[32],
+                      uint8_t raw[32], bool *raw_ok);
 /* Does the body ask for a stream ("stream": true at its top level)?  DOC: parsed, or NULL. */
 bool lookup_wants_stream(const void *doc, const char *body, size_t len);
 /*
  * Set R's cache fields (cacheable, lookup, store_ok, may_join, key,
  * cache_status) from HREQ; DOC: its parsed body or NULL; KNOWN_KEY: its
- * key from lookup_known_key() or lookup_raw_key(), or NULL.
+ * key from lookup_known_key() or lookup_raw_key(), or NULL; RAW_KEY: the
+ * digest of its exact bytes when lookup_known_key() computed it, or NULL.
  */
 void lookup_prepare(struct request *r, const struct http_req *hreq, const void *doc,
-                    const uint8_t *known_key);
+                    const uint8_t *known_key, const uint8_t *raw_key);
 
 #endif

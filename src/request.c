@@ -1279,7 +1279,7 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, bool ca
     http_req_set_callbacks(hreq, on_client_close, on_client_drain, r);
     r->cache_path = cache_path;
     if (cache_path && gw->conf->cache.enabled) {
-        lookup_prepare(r, hreq, bi->doc, bi->known_key);
+        lookup_prepare(r, hreq, bi->doc, bi->known_key, bi->raw_key);
     }
     if (client_headers_copy(&r->ch, hreq, r->cacheable) < 0) {
         reply_fail(r, 500, "out_of_memory", "out of memory", END_INTERNAL);

@@ -177,6 +177,7 @@ enum req_end request_left_end(enum req_state state, bool data_sent);
 struct request_body_info {
     const void *doc;
     const uint8_t *known_key; /* from lookup_known_key() or lookup_raw_key(), or NULL */
+    const uint8_t *raw_key;   /* the exact bytes' digest lookup_known_key() made, or NULL */
     const char *model;        /* decoded, or NULL */
     size_t model_off, model_len;
 };

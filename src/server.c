@@ -265,8 +265,10 @@ server_handle(struct http_req *req, void *arg)
     bool canonical = want_key && req->body_len <= CACHE_PARSE_MAX;
     bool need_model = gw->has_aliases;
     struct jscan_member mm = {0};
-    uint8_t key[32];
-    bool known = cache_path && canonical && !need_model && lookup_known_key(gw, req, key);
+    uint8_t key[32], raw[32];
+    bool raw_ok = false;
+    bool known = cache_path && canonical && !need_model &&
+                 lookup_known_key(gw, req, key, raw, &raw_ok);
     bool scanned = false;
     if (cache_path && !known) {
         const char *what;
@@ -288,7 +290,10 @@ server_handle(struct http_req *req, void *arg)
             }
             if (!doc) {
                 /* valid JSON jansson cannot hold (a lone surrogate): keyed by its exact bytes */
-                known = lookup_raw_key(gw, req, key) == 0;
+                if (raw_ok) {
+                    memcpy(key, raw, sizeof(key));
+                }
+                known = raw_ok || lookup_raw_key(gw, req, key) == 0;
             }
         } else if (want_key) {
             known = lookup_raw_key(gw, req, key) == 0; /* keyed by its exact bytes */
@@ -301,7 +306,8 @@ server_handle(struct http_req *req, void *arg)
                   jscan_object_member(req->body, req->body_len, "model", &mm, &what, &at) == 0;
     }
     char model[256];
-    struct request_body_info bi = {.doc = doc, .known_key = known ? key : NULL};
+    struct request_body_info bi = {
+        .doc = doc, .known_key = known ? key : NULL, .raw_key = raw_ok && !known ? raw : NULL};
     if (scanned && mm.count > 1) {
         reject(req, prio, 400, "invalid_request_error", "invalid_model",
                "\"model\" appears more than once");
