@@ -173,7 +173,7 @@ static const struct conf_key conf_retry_keys[] = {
     {KEY("cap", CT_DUR, C(retry.cap_ms), 1, MS_H, "30s")},
     {KEY("jitter", CT_ENUM, C(retry.jitter), 0, 0, "full"), .names = conf_jitter_names},
     {KEY("on", CT_RETRY_ON, 0, 0, CONF_MAX_RETRY_STATUS + 2,
-         "429 500 502 503 504 connect timeout")},
+         "429 500 502 503 504 529 connect timeout")},
     {KEY("budget", CT_DOUBLE, C(retry.budget), 0, 10, "0.5")},
     {.name = NULL},
 };
@@ -200,7 +200,7 @@ static const struct conf_key conf_cache_keys[] = {
     {KEY("shared", CT_BOOL, C(cache.shared), 0, 0, "false")},
     {KEY("paths", CT_STRLIST, C(cache.paths), 0, 100,
          "/chat/completions /v1/chat/completions /completions /v1/completions"
-         " /embeddings /v1/embeddings"),
+         " /embeddings /v1/embeddings /anthropic/v1/messages /v1/messages"),
      .noff = C(cache.npaths), .check = conf_check_path},
     {.name = NULL},
 };

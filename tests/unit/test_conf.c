@@ -49,6 +49,7 @@ static void expect_design_values(const struct conf *c)
     static const char *const paths[] = {
         "/chat/completions", "/v1/chat/completions", "/completions",
         "/v1/completions", "/embeddings", "/v1/embeddings",
+        "/anthropic/v1/messages", "/v1/messages",
     };
     const struct conf_upstream *u = &c->upstreams[0];
     size_t i;
@@ -81,12 +82,13 @@ static void expect_design_values(const struct conf *c)
     assert_int_equal(c->retry.base_ms, 1000);
     assert_int_equal(c->retry.cap_ms, 30000);
     assert_int_equal(c->retry.jitter, JITTER_FULL);
-    assert_int_equal(c->retry.non_status, 5);
+    assert_int_equal(c->retry.non_status, 6);
     assert_int_equal(c->retry.on_status[0], 429);
     assert_int_equal(c->retry.on_status[1], 500);
     assert_int_equal(c->retry.on_status[2], 502);
     assert_int_equal(c->retry.on_status[3], 503);
     assert_int_equal(c->retry.on_status[4], 504);
+    assert_int_equal(c->retry.on_status[5], 529);
     assert_true(c->retry.on_connect);
     assert_true(c->retry.on_timeout);
     assert_true(c->retry.budget == 0.5);
@@ -173,7 +175,7 @@ static const char design_example[] =
     "  base: 1s\n"
     "  cap: 30s\n"
     "  jitter: full                    # full | equal | decorrelated | none\n"
-    "  on: [429, 500, 502, 503, 504, connect, timeout]\n"
+    "  on: [429, 500, 502, 503, 504, 529, connect, timeout]\n"
     "  budget: 0.5                     # retries at most 50% of recent first attempts\n"
     "cache:\n"
     "  enabled: true\n"
@@ -182,7 +184,7 @@ static const char design_example[] =
     "  redis: {url: \"\", prefix: \"dsgate:\", timeout: 50ms}   # empty url: memory only\n"
     "  shared: false                   # false: entries are scoped per client credential\n"
     "  paths: [/chat/completions, /v1/chat/completions, /completions, /v1/completions, "
-    "/embeddings, /v1/embeddings]\n"
+    "/embeddings, /v1/embeddings, /anthropic/v1/messages, /v1/messages]\n"
     "routing: failover                # failover | weighted\n"
     "fleet:                            # optional: many instances sharing one account\n"
     "  redis: \"\"                       # empty: off\n"
