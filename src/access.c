@@ -10,6 +10,7 @@
 
 #include "access.h"
 #include "conf.h"
+#include "dialect.h"
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
@@ -22,6 +23,7 @@ const struct end_info req_end_info[END_COUNT] = {
     [END_COALESCED_FAILED] = {"coalesced_failed", WHO_UPSTREAM, AT_REPLAY},
     [END_CIRCUIT_OPEN] = {"circuit_open", WHO_UPSTREAM, AT_QUEUE},
     [END_UNKNOWN_MODEL] = {"unknown_model", WHO_CLIENT, AT_ADMIT},
+    [END_NO_DIALECT] = {"no_dialect", WHO_GATEWAY, AT_ADMIT},
     [END_QUEUE_FULL] = {"queue_full", WHO_GATEWAY, AT_ADMIT},
     [END_QUEUE_DISPLACED] = {"queue_displaced", WHO_GATEWAY, AT_QUEUE},
     [END_QUEUE_TIMEOUT] = {"queue_timeout", WHO_GATEWAY, AT_QUEUE},
@@ -61,7 +63,7 @@ static void
 access_log(const struct access_rec *a, int64_t now)
 {
     struct evbuffer *b;
-    int64_t unknown[3] = {-1, -1, -1};
+    int64_t unknown[TOK_KINDS] = {-1, -1, -1, -1, -1};
     const int64_t *t = a->tokens ? a->tokens : unknown;
 
     if (!log_enabled(LOG_INFO) || !(b = evbuffer_new())) {
@@ -81,7 +83,8 @@ access_log(const struct access_rec *a, int64_t now)
         a->status, conf_priority_name(a->prio), cache_status_name(a->cache), a->upstream,
         a->attempts, (long long)a->queue_ms, (long long)a->upstream_ms,
         (long long)a->first_data_ms, (long long)((now - a->t_start_us) / 1000), a->bytes_in,
-        (unsigned long long)a->bytes_out, (long long)t[0], (long long)t[1], (long long)t[2],
+        (unsigned long long)a->bytes_out, (long long)t[TOK_PROMPT], (long long)t[TOK_COMPLETION],
+        (long long)t[TOK_CACHE_HIT],
         end_label(a));
     size_t len = evbuffer_get_length(b);
     log_access((const char *)evbuffer_pullup(b, -1), len);

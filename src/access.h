@@ -25,6 +25,7 @@ enum req_end {
     END_COALESCED_FAILED,    /* the identical request it followed failed */
     END_CIRCUIT_OPEN,        /* every upstream shut by 401/402/403: their answer */
     END_UNKNOWN_MODEL,       /* no upstream takes the model */
+    END_NO_DIALECT,          /* no upstream takes the request's dialect (upstreams[].dialects) */
     END_QUEUE_FULL,          /* refused at admission */
     END_QUEUE_DISPLACED,     /* shed from the queue by a higher class */
     END_QUEUE_TIMEOUT,       /* waited longer than queue.max_wait */
@@ -74,7 +75,7 @@ struct access_rec {
     int64_t t_start_us;
     size_t bytes_in;
     uint64_t bytes_out;
-    const int64_t *tokens; /* prompt, completion, cache hit; -1 unknown; NULL: none */
+    const int64_t *tokens; /* by enum token_kind (dialect.h); -1 unknown; NULL: none */
     enum req_end end;
     const char *code; /* END_REFUSED: the error code, as the end label */
 };

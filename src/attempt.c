@@ -31,6 +31,7 @@
 #include "uphead.h"
 #include "upstream.h"
 
+#define USAGE_HEAD   4096 /* the start of an answer, where a stream's message_start is */
 #define USAGE_TAIL   8192 /* the end of an answer, where "usage" is */
 #define ERRBODY_MAX  8192 /* an error answer kept for replay or its message */
 
@@ -298,6 +299,7 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
     }
     a->status = status;
     a->encoded = uphead_encoded(hdrs, n);
+    a->sse = ctype && strncasecmp(ctype, "text/event-stream", 17) == 0;
     if ((status == 401 || status == 402 || status == 403) && a->up->auth_header) {
         a->auth_failed = true; /* dsgate's key: kept to answer while the circuit is open */
     }
@@ -305,7 +307,7 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
         .status = status,
         .retry_after_ms = retry_after_ms(retry_after, time(NULL)),
         .ctype = ctype,
-        .sse = ctype && strncasecmp(ctype, "text/event-stream", 17) == 0,
+        .sse = a->sse,
     };
     if (!hi.sse && a->xfer) {
         upstream_bound_body(a->xfer, a->up->conf->body_ms); /* its first byte to its end */
@@ -354,6 +356,11 @@ on_head(void *arg, int status, const struct http_header *hdrs, size_t n)
 static void
 tail_keep(struct attempt *a, const char *data, size_t len)
 {
+    if (a->head && a->head_len < USAGE_HEAD) {
+        size_t n = USAGE_HEAD - a->head_len < len ? USAGE_HEAD - a->head_len : len;
+        memcpy(a->head + a->head_len, data, n);
+        a->head_len += n;
+    }
     if (!a->tail) {
         return;
     }
@@ -442,92 +449,26 @@ on_data(void *arg, const char *data, size_t len)
     return pass(a, data, len);
 }
 
-static const char *const token_kinds[4] = {"prompt", "completion", "prompt_cache_hit",
-                                           "prompt_cache_miss"};
-
-/*
- * Find the last "usage" object in the answer's tail (the body of a
- * non-stream answer, the final chunk of a stream) and count its tokens.
- */
+/* Count the tokens of the answer's usage, as its dialect writes them. */
 static void
 usage_account(struct attempt *a)
 {
-    static const char *const fields[4] = {"prompt_tokens", "completion_tokens",
-                                          "prompt_cache_hit_tokens", "prompt_cache_miss_tokens"};
-    const char *t = a->tail, *found = NULL;
-
-    if (!t || a->tail_len < 8) {
+    if (!a->tail || !a->dialect) {
         return;
     }
-    for (const char *p = t; (p = memmem(p, a->tail_len - (size_t)(p - t), "\"usage\"", 7));
-         p += 7) {
-        found = p;
-    }
-    if (!found) {
-        return;
-    }
-    const char *end = t + a->tail_len;
-    const char *o = memchr(found + 7, '{', (size_t)(end - found - 7));
-    if (!o) {
-        return;
-    }
-    int depth = 0;
-    bool str = false;
-    const char *q = o;
-    for (; q < end; q++) {
-        if (str) {
-            if (*q == '\\') {
-                q++;
-            } else if (*q == '"') {
-                str = false;
-            }
-        } else if (*q == '"') {
-            str = true;
-        } else if (*q == '{') {
-            depth++;
-        } else if (*q == '}' && --depth == 0) {
-            break;
-        }
-    }
-    if (q >= end) {
-        return;
-    }
-    /* "field" : digits, looked up in the object's bytes (no parse needed) */
-    for (int i = 0; i < 4; i++) {
-        char pat[40];
-        int pl = snprintf(pat, sizeof(pat), "\"%s\"", fields[i]);
-        const char *f = memmem(o, (size_t)(q - o), pat, (size_t)pl);
-        if (!f) {
-            continue;
-        }
-        f += pl;
-        while (f < q && (*f == ' ' || *f == '\t' || *f == '\n' || *f == '\r')) {
-            f++;
-        }
-        if (f >= q || *f++ != ':') {
-            continue;
-        }
-        while (f < q && (*f == ' ' || *f == '\t' || *f == '\n' || *f == '\r')) {
-            f++;
-        }
-        int64_t v = 0;
-        int digits = 0;
-        while (f < q && *f >= '0' && *f <= '9' && digits < 15) {
-            v = v * 10 + (*f++ - '0');
-            digits++;
-        }
-        if (digits == 0) {
-            continue;
-        }
-        a->tokens[i] = v;
+    a->dialect->usage(a->head, a->head_len, a->tail, a->tail_len, a->sse, a->tokens);
+    for (int i = 0; i < TOK_KINDS; i++) {
         struct gw_upstream *u = a->up;
+        if (a->tokens[i] < 0) {
+            continue;
+        }
         if (!u->m_tokens[i]) {
             char labels[160];
             snprintf(labels, sizeof(labels), "upstream=\"%s\",kind=\"%s\"", u->conf->name,
-                     token_kinds[i]);
+                     token_kind_name[i]);
             u->m_tokens[i] = metrics_series("dsgate_tokens_total", labels);
         }
-        metrics_series_add(u->m_tokens[i], (double)v);
+        metrics_series_add(u->m_tokens[i], (double)a->tokens[i]);
     }
 }
 
@@ -605,7 +546,9 @@ void
 attempt_init(struct attempt *a)
 {
     memset(a, 0, sizeof(*a));
-    a->tokens[0] = a->tokens[1] = a->tokens[2] = a->tokens[3] = -1;
+    for (int i = 0; i < TOK_KINDS; i++) {
+        a->tokens[i] = -1;
+    }
 }
 
 int
@@ -631,8 +574,10 @@ attempt_start(struct attempt *a, struct upstream_ctx *ctx, struct gw_upstream *u
             return -1;
         }
     }
+    a->dialect = spec->dialect;
     if (spec->count_usage && !a->tail) {
         a->tail = malloc(USAGE_TAIL); /* no tokens counted if this fails */
+        a->head = malloc(USAGE_HEAD);
     }
     const struct conf_upstream *uc = up->conf;
     struct up_request rq = {
@@ -651,7 +596,11 @@ attempt_start(struct attempt *a, struct upstream_ctx *ctx, struct gw_upstream *u
     a->owner = owner;
     a->status = 0;
     a->dropping = a->late = a->paused = a->auth_failed = a->held_told = a->encoded = false;
-    a->tail_len = 0;
+    a->tail_len = a->head_len = 0;
+    a->sse = false;
+    for (int i = 0; i < TOK_KINDS; i++) {
+        a->tokens[i] = -1;
+    }
     if (a->errbody) {
         evbuffer_drain(a->errbody, evbuffer_get_length(a->errbody));
     } else {
@@ -707,6 +656,7 @@ attempt_free(struct attempt *a)
     free(a->url);
     free(a->send_body);
     free(a->tail);
+    free(a->head);
     if (a->rewriting) {
         model_rewrite_free(&a->mrw);
     }

@@ -7,7 +7,8 @@
  * owner passes on: the reply head without hop-by-hop and framing headers
  * (a non-stream answer's head held until its first data byte, leading
  * keep-alive white space dropped), the body with the model renamed back,
- * and the token counts of the answer's "usage".  It keeps the body of a
+ * and the token counts of the answer's usage, read as the request's
+ * dialect writes them.  It keeps the body of a
  * 401/402/403 for the upstream to replay while its circuit is open.
  *
  * The owner decides; the attempt reports through struct attempt_ops:
@@ -24,6 +25,7 @@
 
 #include <jansson.h>
 
+#include "dialect.h"
 #include "route.h"
 
 #define ATTEMPT_MAX_HEADERS 128
@@ -115,7 +117,8 @@ struct attempt_spec {
     size_t model_off;  /* where its JSON string is in BODY (with quotes), for a rename */
     size_t model_len;
     const struct client_headers *ch;
-    bool count_usage; /* keep the answer's tail for its "usage" */
+    const struct dialect *dialect; /* how the answer's usage is read */
+    bool count_usage; /* keep the answer's head and tail for its usage */
 };
 
 struct attempt {
@@ -151,10 +154,14 @@ struct attempt {
     bool held;      /* the upstream holds it (keep-alives, no data) */
     bool limit_fed; /* the adaptive limit heard it */
     int64_t t_start_us;
-    /* token accounting from the answer's "usage" */
-    char *tail;
+    /* token accounting from the answer's usage */
+    const struct dialect *dialect;
+    bool sse;  /* the answer is a stream */
+    char *head; /* its first bytes (an Anthropic stream's message_start) */
+    size_t head_len;
+    char *tail; /* its last bytes (the final usage) */
     size_t tail_len;
-    int64_t tokens[4]; /* prompt, completion, cache hit, cache miss; -1: unknown */
+    int64_t tokens[TOK_KINDS]; /* by enum token_kind; -1: unknown */
 };
 
 void attempt_init(struct attempt *a);

@@ -10,6 +10,7 @@
  *   ctype_len u16 | ctype | body_len u32 | body | fnv1a64 of all before u64
  */
 #include "cache.h"
+#include "dialect.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -241,7 +242,7 @@ is_ws(char c)
 }
 
 bool
-cache_storable(bool sse, const char *body, size_t len, size_t *start)
+cache_storable(const struct dialect *d, bool sse, const char *body, size_t len, size_t *start)
 {
     size_t s = 0;
 
@@ -270,17 +271,7 @@ cache_storable(bool sse, const char *body, size_t len, size_t *start)
             break;
         }
     }
-    size_t e = len;
-    while (e > s && is_ws(body[e - 1])) {
-        e--;
-    }
-    static const char done[] = "data: [DONE]";
-    size_t dl = sizeof(done) - 1;
-    if (e - s < dl || memcmp(body + e - dl, done, dl) != 0) {
-        return false;
-    }
-    /* the [DONE] line must start a line */
-    if (e - s > dl && body[e - dl - 1] != '\n') {
+    if (!d->stream_complete(body + s, len - s)) {
         return false;
     }
     *start = s;
@@ -352,7 +343,7 @@ cache_entry_encode(const struct cache_entry *e, size_t *len)
     return buf;
 }
 
-/* The shape of a stored answer: an object, or an SSE stream ending in [DONE]. */
+/* The shape of a stored answer: an object, or a whole SSE stream (of some dialect). */
 static bool
 stored_shape(bool sse, const char *b, size_t len)
 {
@@ -365,13 +356,7 @@ stored_shape(bool sse, const char *b, size_t len)
     if (b[0] == ':' || is_ws(b[0])) {
         return false;               /* stored streams start at their first event */
     }
-    size_t e = len;
-    while (e > 0 && is_ws(b[e - 1])) {
-        e--;
-    }
-    static const char done[] = "data: [DONE]";
-    size_t dl = sizeof(done) - 1;
-    return e >= dl && memcmp(b + e - dl, done, dl) == 0 && (e == dl || b[e - dl - 1] == '\n');
+    return dialect_stream_complete_any(b, len); /* the key holds the path, hence the dialect */
 }
 
 struct cache_entry *

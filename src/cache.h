@@ -64,11 +64,15 @@ void cache_entry_ref(struct cache_entry *e);
 void cache_entry_unref(struct cache_entry *e);
 
 /*
- * Is a complete 200 response worth storing?  Non-stream: valid JSON after
- * leading white space (*START skips it).  Stream: SSE whose last event is
- * "data: [DONE]" (*START skips keep-alive noise before the first event).
+ * Is a complete 200 response worth storing?  Non-stream: a JSON object
+ * without "error" after leading white space (*START skips it).  Stream:
+ * SSE that D recognises as whole (OpenAI: its last event is
+ * "data: [DONE]"; Anthropic: message_stop); *START skips keep-alive noise
+ * before the first event.
  */
-bool cache_storable(bool sse, const char *body, size_t len, size_t *start);
+struct dialect;
+bool cache_storable(const struct dialect *d, bool sse, const char *body, size_t len,
+                    size_t *start);
 
 /* Entry encoding for the Redis tier: a versioned binary record. */
 char *cache_entry_encode(const struct cache_entry *e, size_t *len);

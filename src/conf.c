@@ -14,6 +14,7 @@
  * printed, and user:password@ in URLs is masked in messages.
  */
 #include "conf.h"
+#include "dialect.h"
 #include "route.h"
 
 #include <arpa/inet.h>
@@ -51,6 +52,7 @@ enum conf_type {
     CT_STRLIST,  /* list of strings -> char **, count at noff */
     CT_MODELS,   /* map name -> name -> struct conf_model[], count at noff */
     CT_RETRY_ON, /* retry.on: status codes, "connect", "timeout" */
+    CT_DIALECTS, /* upstreams[].dialects: names of enum dialect_id -> unsigned bits */
 };
 
 #define CK_REQUIRED 0x01 /* a list item must set it */
@@ -97,6 +99,7 @@ static void conf_check_upstream(struct conf_ctx *x, void *items, size_t i, yaml_
                                 const char *path);
 static void conf_check_client(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map,
                               const char *path);
+static void conf_upstream_dialects(struct conf_upstream *u);
 
 static const char *const conf_prio_names[] = {"high", "medium", "low", NULL};
 static const char *const conf_jitter_names[] = {"full", "equal", "decorrelated", "none", NULL};
@@ -136,6 +139,8 @@ static const struct conf_key conf_upstream_keys[] = {
     {KEY("timeouts", CT_MAP, 0, 0, 0, NULL), .sub = conf_timeout_keys},
     {KEY("ca_file", CT_STR, U(ca_file), 0, 0, "")},
     {KEY("insecure", CT_BOOL, U(insecure), 0, 0, "false")},
+    /* "": by the url's host (conf_upstream_dialects) */
+    {KEY("dialects", CT_DIALECTS, U(dialects_listed), 1, DIALECTS, "")},
     {.name = NULL},
 };
 
@@ -168,7 +173,7 @@ static const struct conf_key conf_retry_keys[] = {
     {KEY("cap", CT_DUR, C(retry.cap_ms), 1, MS_H, "30s")},
     {KEY("jitter", CT_ENUM, C(retry.jitter), 0, 0, "full"), .names = conf_jitter_names},
     {KEY("on", CT_RETRY_ON, 0, 0, CONF_MAX_RETRY_STATUS + 2,
-         "429 500 502 503 504 connect timeout")},
+         "429 500 502 503 504 529 connect timeout")},
     {KEY("budget", CT_DOUBLE, C(retry.budget), 0, 10, "0.5")},
     {.name = NULL},
 };
@@ -195,7 +200,7 @@ static const struct conf_key conf_cache_keys[] = {
     {KEY("shared", CT_BOOL, C(cache.shared), 0, 0, "false")},
     {KEY("paths", CT_STRLIST, C(cache.paths), 0, 100,
          "/chat/completions /v1/chat/completions /completions /v1/completions"
-         " /embeddings /v1/embeddings"),
+         " /embeddings /v1/embeddings /anthropic/v1/messages /v1/messages"),
      .noff = C(cache.npaths), .check = conf_check_path},
     {.name = NULL},
 };
@@ -974,6 +979,28 @@ conf_store_retry_on(struct conf *c, const char *s, char *why, size_t n)
     return 0;
 }
 
+/* One upstreams[].dialects word: the name of a dialect. */
+static int
+conf_store_dialect(unsigned *bits, const char *s, char *why, size_t n)
+{
+    int id = dialect_by_name(s);
+
+    if (id < 0) {
+        size_t o = (size_t)snprintf(why, n, "must be one of ");
+        for (int i = 0; i < DIALECTS && o < n; i++) {
+            o += (size_t)snprintf(why + o, n - o, "%s%s", i > 0 ? ", " : "",
+                                  dialect_by_id((enum dialect_id)i)->name);
+        }
+        return -1;
+    }
+    if (*bits & DIALECT_BIT(id)) {
+        snprintf(why, n, "is listed twice");
+        return -1;
+    }
+    *bits |= DIALECT_BIT(id);
+    return 0;
+}
+
 static int
 conf_store_item(const struct conf_key *k, void *base, const char *s, char *why, size_t n)
 {
@@ -982,6 +1009,9 @@ conf_store_item(const struct conf_key *k, void *base, const char *s, char *why, 
 
     if (k->type == CT_RETRY_ON) {
         return conf_store_retry_on(base, s, why, n);
+    }
+    if (k->type == CT_DIALECTS) {
+        return conf_store_dialect(FIELD(base, k->off, unsigned), s, why, n);
     }
     if (k->check != NULL && k->check(s, why, n) < 0) {
         return -1;
@@ -1006,6 +1036,9 @@ conf_clear(const struct conf_key *k, void *base)
         c->retry.non_status = 0;
         c->retry.on_connect = false;
         c->retry.on_timeout = false;
+    } else if (k->type == CT_DIALECTS) {
+        *FIELD(base, k->off, unsigned) = 0;
+        return; /* no array, no count */
     } else if (k->type == CT_LIST) {
         char *items = *FIELD(base, k->off, char *);
 
@@ -1078,6 +1111,7 @@ conf_defaults_keys(const struct conf_key *tab, void *base, bool all)
         case CT_STRLIST:
         case CT_RETRY_ON:
         case CT_MODELS:
+        case CT_DIALECTS:
             conf_clear(k, base);
             if (k->type == CT_STRLIST) {
                 *FIELD(base, k->off, char **) = conf_alloc((size_t)k->max * sizeof(char *));
@@ -1115,6 +1149,7 @@ conf_defaults(void)
     struct conf *c = conf_alloc(sizeof(*c));
 
     conf_defaults_keys(conf_keys, c, true);
+    conf_upstream_dialects(&c->upstreams[0]);
     return c;
 }
 
@@ -1277,7 +1312,7 @@ conf_list(struct conf_ctx *x, const struct conf_key *k, void *base, yaml_node_t 
     }
 }
 
-/* A list of words (cache.paths, retry.on). */
+/* A list of words (cache.paths, retry.on, upstreams[].dialects). */
 static void
 conf_words(struct conf_ctx *x, const struct conf_key *k, void *base, yaml_node_t *v, yaml_mark_t m,
            const char *path)
@@ -1293,8 +1328,14 @@ conf_words(struct conf_ctx *x, const struct conf_key *k, void *base, yaml_node_t
     if (v->type == YAML_SEQUENCE_NODE) {
         n = (size_t)(v->data.sequence.items.top - v->data.sequence.items.start);
     }
-    if ((int64_t)n > k->max) {
-        conf_err(x, m, path, "must have at most %lld entries (got %zu)", (long long)k->max, n);
+    if ((int64_t)n > k->max || (int64_t)n < k->min) {
+        if (k->min > 0) {
+            conf_err(x, m, path, "must have %lld to %lld entries (got %zu)", (long long)k->min,
+                     (long long)k->max, n);
+        } else {
+            conf_err(x, m, path, "must have at most %lld entries (got %zu)", (long long)k->max,
+                     n);
+        }
         return;
     }
     if (k->type == CT_STRLIST) {
@@ -1382,6 +1423,7 @@ conf_value(struct conf_ctx *x, const struct conf_key *k, void *base, yaml_node_t
         return;
     case CT_STRLIST:
     case CT_RETRY_ON:
+    case CT_DIALECTS:
         conf_words(x, k, base, v, m, path);
         return;
     case CT_MODELS:
@@ -1424,6 +1466,25 @@ conf_trim_slash(char *url)
     }
 }
 
+/*
+ * The dialects U takes: as listed, else both for api.deepseek.com (it
+ * serves the Anthropic API under /anthropic) and OpenAI only elsewhere.
+ */
+static void
+conf_upstream_dialects(struct conf_upstream *u)
+{
+    char host[256], why[160];
+
+    if (u->dialects_listed) {
+        u->dialects = u->dialects_listed;
+    } else if (conf_url_host(u->url, host, sizeof(host), why, sizeof(why)) == 0 &&
+               strcasecmp(host, "api.deepseek.com") == 0) {
+        u->dialects = DIALECT_BIT(DIALECT_OPENAI) | DIALECT_BIT(DIALECT_ANTHROPIC);
+    } else {
+        u->dialects = DIALECT_BIT(DIALECT_OPENAI);
+    }
+}
+
 static void
 conf_check_upstream(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map, const char *path)
 {
@@ -1432,6 +1493,7 @@ conf_check_upstream(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map,
     size_t j;
 
     conf_trim_slash(u[i].url);
+    conf_upstream_dialects(&u[i]);
     for (j = 0; j < i && u[i].name[0] != '\0'; j++) {
         if (strcmp(u[j].name, u[i].name) == 0) {
             conf_path(sub, sizeof(sub), path, "name");
@@ -1688,6 +1750,7 @@ conf_apply_env(struct conf *c, char **err)
         free(c->upstreams[0].url);
         c->upstreams[0].url = conf_strdup(up);
         conf_trim_slash(c->upstreams[0].url);
+        conf_upstream_dialects(&c->upstreams[0]);
     }
     if (redis != NULL && *redis != '\0') {
         free(c->cache.redis_url);

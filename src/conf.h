@@ -46,6 +46,13 @@ struct conf_upstream {
     int64_t hedge_after_ms; /* timeouts.hedge_after, 0: no hedging */
     char *ca_file;         /* "" : system store */
     bool insecure;         /* skip TLS verification; loopback only */
+    /*
+     * The APIs it takes requests in (DIALECT_BIT of enum dialect_id): as
+     * listed, or by default [openai, anthropic] for api.deepseek.com and
+     * [openai] for any other host (a local vLLM or Ollama).
+     */
+    unsigned dialects;
+    unsigned dialects_listed; /* upstreams[].dialects as the file says; 0: not given */
 };
 
 struct conf_client {

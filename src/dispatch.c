@@ -27,10 +27,27 @@ enum {
     C_WANTS_LEASE = 16 /* in fleet mode: has no lease ready */
 };
 
+/* Does U take the request's dialect (upstreams[].dialects)? */
+static bool
+speaks(const struct request *r, const struct gw_upstream *u)
+{
+    return (u->conf->dialects & DIALECT_BIT(r->dialect->id)) != 0;
+}
+
 static bool
 eligible(const struct request *r, const struct gw_upstream *u)
 {
-    return !r->model || route_model_for(u->conf, r->model) != NULL;
+    return speaks(r, u) && (!r->model || route_model_for(u->conf, r->model) != NULL);
+}
+
+/*
+ * What an upstream must be for a request to go now: a cheap one (token
+ * counting) needs no slot or lease, it never waits behind completions.
+ */
+static unsigned
+go_need(const struct request *r)
+{
+    return r->cheap ? C_USABLE : C_USABLE | C_SLOT | C_LEASE;
 }
 
 /* Opened by failures that a retry may get past (not auth, not unreachable)? */
@@ -92,6 +109,17 @@ candidates(const struct request *r, unsigned need, size_t out[ROUTE_MAX_UPSTREAM
 }
 
 bool
+dispatch_dialect_served(const struct request *r)
+{
+    for (size_t i = 0; i < r->gw->nups; i++) {
+        if (speaks(r, r->gw->ups[i])) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool
 dispatch_any_eligible(const struct request *r)
 {
     size_t c[ROUTE_MAX_UPSTREAMS];
@@ -148,7 +176,7 @@ dispatch_alternative(struct request *r)
 
     r->tried |= (uint64_t)1 << r->att->up->idx;
     /* one that is full now would send the retry back to the one that failed it */
-    return candidates(r, C_USABLE | C_UNTRIED | C_SLOT | C_LEASE, c) > 0;
+    return candidates(r, go_need(r) | C_UNTRIED, c) > 0;
 }
 
 void
@@ -165,7 +193,7 @@ static struct gw_upstream *
 pick_upstream(struct gateway *gw, struct request *r)
 {
     size_t cand[ROUTE_MAX_UPSTREAMS], fresh[ROUTE_MAX_UPSTREAMS];
-    size_t n = candidates(r, C_USABLE | C_SLOT | C_LEASE, cand), nf = 0;
+    size_t n = candidates(r, go_need(r), cand), nf = 0;
     int weights[ROUTE_MAX_UPSTREAMS];
     int64_t cur[ROUTE_MAX_UPSTREAMS];
 
@@ -235,7 +263,7 @@ dispatch_requeue_at(struct request *r, struct gw_upstream **up, int64_t t_enq_us
     for (size_t i = 0; i < n; i++) {
         sig |= (uint64_t)1 << c[i];
     }
-    if (gw->queue.total == 0 || !queued_for(gw, sig)) {
+    if (r->cheap || gw->queue.total == 0 || !queued_for(gw, sig)) {
         *up = pick_upstream(gw, r);
         if (*up) {
             metrics_observe("dsgate_queue_wait_seconds", NULL, 0);
@@ -256,7 +284,7 @@ dispatch_submit(struct request *r, struct gw_upstream **up)
     size_t c[ROUTE_MAX_UPSTREAMS];
 
     /* a full queue refuses, or sheds its newest lower-class request */
-    if (gw->queue.total >= (size_t)gw->conf->queue.max_queued &&
+    if (!r->cheap && gw->queue.total >= (size_t)gw->conf->queue.max_queued &&
         !(gw->queue.total == 0 && candidates(r, C_USABLE | C_SLOT, c) > 0)) {
         struct sched_item *victim = sched_set_victim(&gw->queue, r->prio);
         if (!victim) {
@@ -367,11 +395,14 @@ dispatch_acquire(struct request *r, struct gw_upstream *up)
 void
 dispatch_acquire_at(struct request *r, struct attempt *a, struct gw_upstream *up)
 {
+    circuit_on_send(&up->circuit);
+    if (r->cheap) {
+        return; /* outside the concurrency limit */
+    }
     sched_limit_acquire(&up->limit);
     if (fleet_active(r->gw->fleet) && up->fleet) {
         a->lease = fleet_take(up->fleet);
     }
-    circuit_on_send(&up->circuit);
     a->slot_held = true;
 }
 
@@ -379,7 +410,7 @@ struct gw_upstream *
 dispatch_hedge_target(struct request *r)
 {
     size_t c[ROUTE_MAX_UPSTREAMS];
-    size_t n = candidates(r, C_USABLE | C_SLOT | C_LEASE | C_UNTRIED, c);
+    size_t n = candidates(r, go_need(r) | C_UNTRIED, c);
 
     for (size_t i = 0; i < n; i++) {
         if (r->gw->ups[c[i]] != r->att->up) {
@@ -392,8 +423,8 @@ dispatch_hedge_target(struct request *r)
 void
 dispatch_held(struct request *r)
 {
-    if (r->att->held) {
-        return;
+    if (r->att->held || r->cheap) {
+        return; /* a cheap request holds no slot that a higher class could have */
     }
     r->att->held = true;
     r->gw->held++;
@@ -421,7 +452,7 @@ dispatch_first_data(struct request *r, int64_t first_data_us)
     bool was_held = r->att->held;
 
     unheld(r, r->att);
-    if (r->att->limit_fed) {
+    if (r->att->limit_fed || r->cheap) {
         return;
     }
     r->att->limit_fed = true;
@@ -464,6 +495,9 @@ dispatch_limit_at(struct request *r, struct attempt *a, bool overload)
     struct gw_upstream *u = a->up;
 
     a->limit_fed = true;
+    if (r->cheap) {
+        return; /* not under the limit, so it says nothing about it */
+    }
     bool cut = sched_limit_feedback(&u->limit, overload, http_now_us());
 
     if (u->fleet && (cut || !overload)) {

@@ -4,8 +4,10 @@
  * Requests that can use the same upstreams share a queue (sched.h); a
  * request starts at once when a slot is free and nobody waits before it,
  * else it waits in its class.  Every choice of upstream goes through one
- * candidate filter (eligible for the model, circuit usable, below its
- * limit, fleet lease ready, not tried yet).  It holds the slots and
+ * candidate filter (takes the request's dialect and model, circuit
+ * usable, below its limit, fleet lease ready, not tried yet).  A cheap
+ * request (token counting) needs no slot or lease: it goes at once,
+ * outside the limit, and never waits behind completions.  It holds the slots and
  * leases of running attempts and feeds attempt outcomes to the circuit
  * breakers and adaptive limits.
  *
@@ -50,7 +52,9 @@ enum dispatch_result {
     DISPATCH_FULL,   /* the queue is full and nothing lower could be shed */
 };
 
-/* Does any upstream take this request's model? */
+/* Does any upstream take this request's dialect (upstreams[].dialects)? */
+bool dispatch_dialect_served(const struct request *r);
+/* Does any upstream take this request's dialect and model? */
 bool dispatch_any_eligible(const struct request *r);
 /*
  * When every eligible upstream is shut by 401/402/403, waiting will not

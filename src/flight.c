@@ -502,7 +502,7 @@ leader_done(struct request *r)
 
     untable(f);
     f->state = FL_OK;
-    if (r->store_ok && cache_storable(f->sse, f->buf, f->len, &start)) {
+    if (r->store_ok && cache_storable(r->dialect, f->sse, f->buf, f->len, &start)) {
         struct cache_entry *e = cache_entry_new(r->key, f->sse, f->ctype, f->buf + start,
                                                 f->len - start, cache_now_ms() + c->cache.ttl_ms);
         if (e) {

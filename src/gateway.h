@@ -17,6 +17,7 @@
 #include <event2/util.h>
 
 #include "conf.h"
+#include "dialect.h"
 #include "retry.h"
 #include "route.h"
 #include "sched.h"
@@ -58,7 +59,7 @@ struct gw_upstream {
     int64_t swrr;           /* smooth weighted round robin state */
     struct fleet_up *fleet; /* leases and the shared limit, in fleet mode */
     /* metric series of this upstream, found once */
-    struct metric_series *m_tokens[4];
+    struct metric_series *m_tokens[TOK_KINDS];
     struct {
         const char *outcome;
         struct metric_series *s;

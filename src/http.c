@@ -111,6 +111,7 @@ struct http_server {
     void *arg;
     http_reject_fn on_reject;
     void *reject_arg;
+    http_error_fn error_body;
     struct http_conn *conns;
     size_t nconns;
     bool close_idle;
@@ -1395,13 +1396,18 @@ http_reply_error_h(struct http_req *r, int status, const char *type, const char 
         http_reply(r, status, h, nh, "", 0);
         return;
     }
-    evbuffer_add_printf(b, "{\"error\":{\"message\":\"");
-    log_json_escape(b, message);
-    evbuffer_add_printf(b, "\",\"type\":\"");
-    log_json_escape(b, type);
-    evbuffer_add_printf(b, "\",\"code\":\"");
-    log_json_escape(b, code);
-    evbuffer_add_printf(b, "\"}}\n");
+    http_error_fn body = req_conn(r)->srv->error_body;
+    if (body) {
+        body(r, status, type, code, message, b);
+    } else {
+        evbuffer_add_printf(b, "{\"error\":{\"message\":\"");
+        log_json_escape(b, message);
+        evbuffer_add_printf(b, "\",\"type\":\"");
+        log_json_escape(b, type);
+        evbuffer_add_printf(b, "\",\"code\":\"");
+        log_json_escape(b, code);
+        evbuffer_add_printf(b, "\"}}\n");
+    }
     size_t len = evbuffer_get_length(b);
     http_reply(r, status, h, nh, evbuffer_pullup(b, -1), len);
     evbuffer_free(b);
@@ -1665,6 +1671,12 @@ void
 http_server_set_limits(struct http_server *s, const struct http_limits *lim)
 {
     s->lim = *lim;
+}
+
+void
+http_server_set_error_body(struct http_server *s, http_error_fn fn)
+{
+    s->error_body = fn;
 }
 
 void

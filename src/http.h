@@ -68,6 +68,15 @@ void http_server_set_limits(struct http_server *s, const struct http_limits *lim
  */
 typedef void (*http_reject_fn)(const struct http_req *req, int status, const char *code, void *arg);
 void http_server_set_reject_hook(struct http_server *s, http_reject_fn fn, void *arg);
+/*
+ * Writes the body of every error reply on this server (http_reply_error*,
+ * the server's own refusals too) into OUT; REQ's path may be NULL.  Without
+ * one: OpenAI-shaped, {"error":{"message":M,"type":T,"code":C}}.
+ */
+struct evbuffer;
+typedef void (*http_error_fn)(const struct http_req *req, int status, const char *type,
+                              const char *code, const char *message, struct evbuffer *out);
+void http_server_set_error_body(struct http_server *s, http_error_fn fn);
 /* Close the listening socket: no new connections (drain). */
 void http_server_stop_accepting(struct http_server *s);
 /* Close idle keep-alive connections now and after each reply from now on. */
@@ -107,8 +116,9 @@ void http_reply_data_ref(struct http_req *r, const void *data, size_t len,
 void http_reply(struct http_req *r, int status, const struct http_header *headers, size_t nheaders,
                 const void *body, size_t len);
 /*
- * OpenAI-shaped error: {"error":{"message":M,"type":T,"code":C}}, with
- * Retry-After: 1 on 429 and 503 unless HEADERS carry their own.
+ * An error reply, its body as the server's error writer makes it (else
+ * OpenAI-shaped), with Retry-After: 1 on 429 and 503 unless HEADERS carry
+ * their own.
  */
 void http_reply_error(struct http_req *r, int status, const char *type, const char *code,
                       const char *message);

@@ -341,6 +341,7 @@ main(int argc, char **argv)
         return 1;
     }
     http_server_set_reject_hook(gw.srv, server_on_http_reject, &gw);
+    http_server_set_error_body(gw.srv, server_error_body);
     if (gw.conf->admin_listen[0]) {
         admin_srv = http_server_new(gw.base, gw.conf->admin_listen, &lim, server_handle_admin, &gw);
         if (!admin_srv) {

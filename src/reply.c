@@ -56,49 +56,47 @@ reply_error(struct request *r, int status, const char *type, const char *code, c
     r->hreq = NULL;
 }
 
-/* An SSE error event (STATUS > 0 adds "status"); the strings are escaped. */
+/* An SSE error event in the request's dialect (STATUS > 0: the OpenAI event says it). */
 static void
-send_sse_error(struct request *r, int status, const char *type, const char *code,
+send_sse_error(struct request *r, int status, int type_status, const char *type, const char *code,
                const char *message)
 {
-    json_t *j = json_pack("{s:{s:s,s:s,s:s}}", "error", "message", message, "type", type, "code",
-                          code);
-    char *text = NULL;
-
-    if (j && status > 0) {
-        json_object_set_new(json_object_get(j, "error"), "status", json_integer(status));
-    }
-    text = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    json_decref(j);
+    struct dialect_error e = {
+        .status = status > 0 ? status : type_status,
+        .with_status = status > 0,
+        .type = type,
+        .code = code,
+        .message = message,
+    };
     /* close any half-sent line or event first, so the error stands alone */
     const char *sep = r->scan.mid_line ? "\n\n" : (r->scan.mid_event ? "\n" : "");
     struct evbuffer *b = evbuffer_new();
+
     if (b) {
-        evbuffer_add_printf(b, "%sevent: error\ndata: %s\n\n", sep,
-                            text ? text : "{\"error\":{\"message\":\"upstream error\"}}");
+        evbuffer_add(b, sep, strlen(sep));
+        r->dialect->sse_error(b, &e);
         size_t n = evbuffer_get_length(b);
         http_reply_data(r->hreq, evbuffer_pullup(b, -1), n);
         evbuffer_free(b);
     }
-    free(text);
 }
 
 /*
  * After dsgate's own 200 head, before any data: the error is the body, an
- * OpenAI-shaped object any JSON client can read.
+ * error object of the request's dialect that any JSON client can read.
  */
 static void
-send_json_error(struct request *r, const char *type, const char *code, const char *message)
+send_json_error(struct request *r, int status, const char *type, const char *code,
+                const char *message)
 {
-    json_t *j = json_pack("{s:{s:s,s:s,s:s}}", "error", "message", message, "type", type, "code",
-                          code);
-    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    struct dialect_error e = {.status = status, .type = type, .code = code, .message = message};
+    struct evbuffer *b = evbuffer_new();
 
-    json_decref(j);
-    if (text) {
-        http_reply_data(r->hreq, text, strlen(text));
-        http_reply_data(r->hreq, "\n", 1);
-        free(text);
+    if (b) {
+        r->dialect->error_body(b, &e);
+        size_t n = evbuffer_get_length(b);
+        http_reply_data(r->hreq, evbuffer_pullup(b, -1), n);
+        evbuffer_free(b);
     }
     http_reply_end(r->hreq, false);
     r->hreq = NULL;
@@ -155,11 +153,11 @@ reply_late_error(struct request *r, int status, const char *body, size_t len)
         reply_error(r, 502, "upstream_error", "upstream_error", msg);
         r->status = status;
     } else if (r->sse) {
-        send_sse_error(r, status, type, code, msg);
+        send_sse_error(r, status, status, type, code, msg);
         http_reply_end(r->hreq, false);
         r->hreq = NULL;
     } else if (r->early && !r->data_sent) {
-        send_json_error(r, type, code, msg);
+        send_json_error(r, status, type, code, msg);
     } else {
         http_reply_end(r->hreq, true);
         r->hreq = NULL;
@@ -181,11 +179,11 @@ reply_fail(struct request *r, int status, const char *code, const char *message,
     if (!http_reply_started(r->hreq)) {
         reply_error(r, status, type, code, message);
     } else if (r->sse) {
-        send_sse_error(r, r->early && !r->data_sent ? status : 0, type, code, message);
+        send_sse_error(r, r->early && !r->data_sent ? status : 0, status, type, code, message);
         http_reply_end(r->hreq, false);
         r->hreq = NULL;
     } else if (r->early && !r->data_sent) {
-        send_json_error(r, type, code, message);
+        send_json_error(r, status, type, code, message);
     } else {
         http_reply_end(r->hreq, true); /* an incomplete body must not look complete */
         r->hreq = NULL;
@@ -274,6 +272,24 @@ reply_unknown_model(struct request *r)
     if (b) {
         evbuffer_free(b);
     }
+}
+
+void
+reply_no_dialect(struct request *r)
+{
+    char msg[256];
+
+    snprintf(msg, sizeof(msg),
+             "no configured upstream takes %s requests (upstreams[].dialects); %s is not served",
+             r->dialect->title, r->path);
+    if (r->replied) {
+        reply_fail(r, 404, "dialect_not_served", msg, END_NO_DIALECT);
+    } else {
+        http_reply_error(r->hreq, 404, "invalid_request_error", "dialect_not_served", msg);
+        r->hreq = NULL;
+    }
+    r->status = 404;
+    r->end = END_NO_DIALECT;
 }
 
 void

@@ -49,7 +49,7 @@ void reply_fail(struct request *r, int status, const char *code, const char *mes
  * dsgate's own 200 head (keepalive.after passed without the upstream's):
  * text/event-stream when the request asked for a stream, else JSON;
  * chunked.  Later failures become the body (an SSE error event or an
- * OpenAI-shaped error object).
+ * error object, in the request's dialect).
  */
 void reply_early_head(struct request *r);
 /*
@@ -66,5 +66,7 @@ void reply_auth(struct request *r, struct gw_upstream *u);
 void reply_unreachable(struct request *r, int64_t retry_ms);
 /* 404 naming the models the configured upstreams take. */
 void reply_unknown_model(struct request *r);
+/* 404: no configured upstream takes the request's dialect (upstreams[].dialects). */
+void reply_no_dialect(struct request *r);
 
 #endif

@@ -6,7 +6,7 @@
  *       NEW ──> LOOKUP (Redis) ── hit ──────────────────────────────────┤
  *        │        │ miss                                                │
  *        v        v                                                     │
- *      route ── no upstream for the model: 404; all shut by auth: replay┤
+ *      route ── no upstream for dialect/model: 404; shut by auth: replay┤
  *        │   ── identical request in flight ──> FOLLOWING ── replayed ──┤
  *        │                                        │ the leader failed    │
  *        │                                        v before it started    │
@@ -314,6 +314,19 @@ attempt_over(struct request *r, const struct attempt_result *in)
 
 /* ---- attempt ops -------------------------------------------------------------- */
 
+/*
+ * Is an upstream STATUS retried?  retry.on lists it, or it is the
+ * dialect's busy status (Anthropic's 529) and retry.on lists 503.
+ */
+static bool
+retry_on(const struct request *r, int status)
+{
+    const struct conf *c = r->gw->conf;
+
+    return retry_on_status(c, status) ||
+           (dialect_busy(r->dialect, status) && retry_on_status(c, 503));
+}
+
 /* The line a cut attempt left half-sent is ended, so the next event stands alone. */
 static void
 end_cut_line(struct request *r)
@@ -336,7 +349,8 @@ cur_head(struct request *r, const struct attempt_head_info *h)
         return AH_GONE;
     }
     if (status != 200) {
-        dispatch_limit(r, status == 429 || status == 503 || status == 504);
+        dispatch_limit(r, status == 429 || status == 503 || status == 504 ||
+                              dialect_busy(r->dialect, status));
     } /* a 200 is judged at its first data byte (dispatch_first_data) */
     r->status = status;
     enum route_outcome oc = route_classify_status(status);
@@ -351,7 +365,7 @@ cur_head(struct request *r, const struct attempt_head_info *h)
         r->retry_reason = "auth";
         return AH_DROP;
     }
-    if (retry_on_status(r->gw->conf, status) && can_retry(r, h->retry_after_ms)) {
+    if (retry_on(r, status) && can_retry(r, h->retry_after_ms)) {
         snprintf(r->retry_status, sizeof(r->retry_status), "%d", status);
         r->retry_reason = r->retry_status;
         return AH_DROP;
@@ -573,6 +587,7 @@ fill_spec(const struct request *r, struct attempt_spec *spec)
         .model_off = r->model_off,
         .model_len = r->model_len,
         .ch = &r->ch,
+        .dialect = r->dialect,
         .count_usage = r->cache_path,
     };
 }
@@ -759,6 +774,11 @@ route(struct request *r)
         request_end(r);
         return;
     }
+    if (!dispatch_dialect_served(r)) {
+        reply_no_dialect(r);
+        request_end(r);
+        return;
+    }
     if (!dispatch_any_eligible(r)) {
         reply_unknown_model(r);
         request_end(r);
@@ -846,9 +866,9 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
 static void
 keepalive_cb(evutil_socket_t fd, short what, void *arg)
 {
-    static const char sse_ka[] = ": keep-alive\n\n";
     struct request *r = arg;
     const struct conf *c = r->gw->conf;
+    const char *sse_ka = r->dialect->sse_keepalive;
 
     (void)fd;
     (void)what;
@@ -863,8 +883,8 @@ keepalive_cb(evutil_socket_t fd, short what, void *arg)
         sse_scan_feed(&r->scan, "\n", 1);
         http_reply_data(r->hreq, "\n", 1);
     } else if (!r->scan.mid_line && !r->scan.mid_event) {
-        sse_scan_feed(&r->scan, sse_ka, sizeof(sse_ka) - 1);
-        http_reply_data(r->hreq, sse_ka, sizeof(sse_ka) - 1);
+        sse_scan_feed(&r->scan, sse_ka, strlen(sse_ka));
+        http_reply_data(r->hreq, sse_ka, strlen(sse_ka));
     }
     struct timeval tv = {c->keepalive.every_ms / 1000, (c->keepalive.every_ms % 1000) * 1000};
     evtimer_add(r->ka, &tv);
@@ -1232,6 +1252,8 @@ request_new(struct gateway *gw, struct http_req *hreq, enum prio prio)
     r->t_start_us = hreq->t_start_us;
     r->cache_status = CS_NONE;
     snprintf(r->method, sizeof(r->method), "%s", hreq->method);
+    r->dialect = dialect_of_path(hreq->path);
+    r->cheap = r->dialect->cheap(hreq->path);
     r->path = strdup(hreq->path);
     r->target = strdup(hreq->target);
     gw->live_requests++;

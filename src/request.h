@@ -18,6 +18,7 @@
 #include "access.h"
 #include "attempt.h"
 #include "cache.h"
+#include "dialect.h"
 #include "sched.h"
 #include "sse.h"
 
@@ -65,6 +66,8 @@ struct request {
     char method[16];
     char *path;   /* copy, for the access log */
     char *target; /* path and query */
+    const struct dialect *dialect; /* from the path, once: errors, keep-alives, usage, caching */
+    bool cheap;   /* the dialect's cheap path (token counting): never queued, no slot */
     enum prio prio;
     char *body;
     size_t body_len;

@@ -14,6 +14,7 @@
 #include <jansson.h>
 
 #include "access.h"
+#include "dialect.h"
 #include "dispatch.h"
 #include "gateway.h"
 #include "http.h"
@@ -114,22 +115,28 @@ token_equal(const char *a, size_t alen, const char *b, size_t blen)
 
 /*
  * With clients configured, the request must carry one of their tokens
- * (Authorization: Bearer TOKEN).  Returns the client, or NULL.
+ * where its dialect puts a key (OpenAI: Authorization: Bearer TOKEN;
+ * Anthropic: x-api-key: TOKEN too, as Claude Code sends ANTHROPIC_API_KEY).
+ * Returns the client, or NULL.
  */
 static const struct gw_client *
 client_find(const struct gateway *gw, const struct http_req *req)
 {
-    const char *auth = http_req_header(req, "Authorization");
-
-    if (!auth || strncasecmp(auth, "Bearer ", 7) != 0) {
-        return NULL;
-    }
-    const char *tok = auth + 7;
-    size_t tl = strlen(tok);
     const struct gw_client *found = NULL;
-    for (size_t i = 0; i < gw->nclients; i++) {
-        if (token_equal(tok, tl, gw->clients[i].token, gw->clients[i].token_len)) {
-            found = &gw->clients[i];
+
+    for (const struct dialect_token *t = dialect_of_path(req->path)->tokens; t->header && !found;
+         t++) {
+        const char *v = http_req_header(req, t->header);
+        size_t sl = strlen(t->scheme);
+        if (!v || strncasecmp(v, t->scheme, sl) != 0) {
+            continue;
+        }
+        const char *tok = v + sl;
+        size_t tl = strlen(tok);
+        for (size_t i = 0; i < gw->nclients; i++) {
+            if (token_equal(tok, tl, gw->clients[i].token, gw->clients[i].token_len)) {
+                found = &gw->clients[i];
+            }
         }
     }
     return found;
@@ -158,6 +165,15 @@ own_endpoint(struct gateway *gw, struct http_req *req)
     return false;
 }
 
+void
+server_error_body(const struct http_req *req, int status, const char *type, const char *code,
+                  const char *message, struct evbuffer *out)
+{
+    struct dialect_error e = {.status = status, .type = type, .code = code, .message = message};
+
+    dialect_of_path(req->path)->error_body(out, &e);
+}
+
 /* A request answered without being proxied: its access-log line and its count. */
 static void
 note_refused(const struct http_req *req, enum prio prio, int status, const char *code)
@@ -179,7 +195,7 @@ note_refused(const struct http_req *req, enum prio prio, int status, const char 
     access_note(&a);
 }
 
-/* Refuse REQ with an OpenAI-shaped error, logged and counted like any request. */
+/* Refuse REQ with an error in its dialect, logged and counted like any request. */
 static void
 reject(struct http_req *req, enum prio prio, int status, const char *type, const char *code,
        const char *msg)

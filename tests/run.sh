@@ -4,7 +4,8 @@
 # Called by `make test` after it has built build/asan/dsgate,
 # build/fake_upstream and build/asan/test_* (cmocka unit tests).  Runs, in
 # order: the unit test binaries, the Python integration tests
-# (tests/integration/test_*.py), the openai-SDK client test (tests/clients),
+# (tests/integration/test_*.py), the real-client tests (tests/clients: the
+# openai and Anthropic SDKs, LangChain),
 # then scans every dsgate log for sanitizer reports.  The last line is
 # `N passed, N failed`; the exit status is non-zero when anything failed.
 #
@@ -112,7 +113,7 @@ section "packaging: tests/ops/test_packaging.sh"
 run_suite test_packaging timeout 120 bash tests/ops/test_packaging.sh
 
 # ---------------------------------------------------------------- clients
-section "client test: openai npm package"
+section "client tests: openai and Anthropic SDKs, LangChain (npm)"
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     echo "FAIL clients: node/npm not installed (make deps installs them)"
     fail 1

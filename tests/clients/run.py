@@ -6,7 +6,14 @@ FAKE_URL set, stop both, and print the PASS/FAIL lines plus one combined
 `RESULT passed=N failed=N` line for tests/run.sh.  test_cache.mjs runs
 against a second dsgate with the cache on; test_keepalive.mjs against two
 more: keepalive {after: 1s, every: 1s} (DSGATE_URL) and keepalive off
-(DSGATE_NOKA_URL).
+(DSGATE_NOKA_URL).  test_anthropic.mjs (the Anthropic SDK) runs against two
+dsgates whose upstream takes the Anthropic dialect: one with the cache and
+retries on (DSGATE_ANTHROPIC_URL), one with a queue of one and a short
+max_wait (DSGATE_ANTHROPIC_QUEUE_URL).  test_reasoning_tools.mjs (LangChain)
+runs straight against the fake, through the plain dsgate (DSGATE_URL) and
+through one with compat: {reasoning_content: restore} (DSGATE_COMPAT_URL).
+A dsgate that does not start leaves its URL unset and says why in
+DSGATE_*_NOTE: the tests that need it fail with that reason, the others run.
 """
 
 import os
@@ -22,13 +29,16 @@ NODE_TIMEOUT = 180
 
 
 def run_node(run, script, d, fake, extra_env=None):
-    """Run tests/clients/SCRIPT against dsgate D; add its results to RUN."""
+    """Run tests/clients/SCRIPT against dsgate D (None: none as DSGATE_URL);
+    add its results to RUN."""
     env = dict(os.environ)
-    env["DSGATE_URL"] = "http://127.0.0.1:%d/v1" % d.port
+    if d is not None:
+        env["DSGATE_URL"] = "http://127.0.0.1:%d/v1" % d.port
     env["FAKE_URL"] = fake.url
     env.update(extra_env or {})
-    for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
-        env.pop(k, None)
+    for k in list(env):
+        if k.startswith(("OPENAI_", "ANTHROPIC_", "LANGCHAIN_", "LANGSMITH_")):
+            env.pop(k, None)
     seen_result = False
     try:
         p = subprocess.Popen(["node", script], cwd=HERE, env=env,
@@ -88,6 +98,75 @@ def run_keepalive(run, fake):
     clean_exit(run, "clients_noka_dsgate_clean_exit", ds[1])
 
 
+def anthropic_config(port, fake, queue=False):
+    """A dsgate whose one upstream, FAKE, takes both dialects.  QUEUE: one
+    request at a time toward it, a queue of one, max_wait 800ms, no
+    keep-alives (so that dsgate's own 429 and 504 reach the client as
+    statuses); else the cache (default paths) and 3 quick attempts."""
+    lines = [
+        "listen: 127.0.0.1:%d" % port,
+        "upstreams:",
+        "  - name: fake",
+        "    url: %s" % H.yaml_quote(fake.url),
+        "    api_key_env: DSGATE_IT_UNSET_KEY_VARIABLE",
+        "    max_inflight: %d" % (1 if queue else 16),
+        "    adaptive: false",
+        "    timeouts: {connect: 2s, first_data: 30s, idle: 30s, total: 0}",
+    ]
+    d = H.dialects_line()
+    if d:
+        lines.append(d)
+    if queue:
+        lines += ["queue: {max_queued: 1, max_wait: 800ms}", "keepalive: {after: 0s}",
+                  "retry: {max_attempts: 1}", "cache: {enabled: false}"]
+    else:
+        lines += ["retry: {max_attempts: 3, base: 50ms, cap: 200ms}", "cache: {enabled: true}"]
+    lines += ["shutdown_timeout: 3s", "log: {level: info, format: json}"]
+    return "\n".join(lines) + "\n"
+
+
+def start_or_note(tag, text):
+    """(dsgate, "") or (None, why it did not start)."""
+    try:
+        port = H.free_port()
+        return H.Dsgate(config_text=text(port), tag=tag, port=port), ""
+    except Exception as e:                          # noqa: BLE001
+        why = str(e).strip().splitlines()
+        ok, msg = H.config_accepted(text(1))
+        return None, "dsgate did not start: %s" % (msg if not ok else (why[0] if why else e))
+
+
+def run_anthropic(run, fake):
+    """test_anthropic.mjs against the two Anthropic dsgates."""
+    d, why = start_or_note("clients-anth", lambda p: anthropic_config(p, fake))
+    dq, whyq = start_or_note("clients-anth-queue", lambda p: anthropic_config(p, fake, queue=True))
+    env = {"DSGATE_ANTHROPIC_NOTE": "; ".join(w for w in (why, whyq) if w) or "not set"}
+    if d:
+        env["DSGATE_ANTHROPIC_URL"] = "http://127.0.0.1:%d/anthropic" % d.port
+    if dq:
+        env["DSGATE_ANTHROPIC_QUEUE_URL"] = "http://127.0.0.1:%d/anthropic" % dq.port
+    run_node(run, "test_anthropic.mjs", None, fake, env)
+    for name, x in (("clients_anthropic_dsgate_clean_exit", d),
+                    ("clients_anthropic_queue_dsgate_clean_exit", dq)):
+        if x:
+            clean_exit(run, name, x)
+
+
+def run_reasoning(run, fake, plain):
+    """test_reasoning_tools.mjs: LangChain's tool loop against a thinking
+    model, straight to FAKE, through PLAIN and through a compat dsgate."""
+    def text(port):
+        return H.make_config(port, fake.url, api_key_env="DSGATE_IT_UNSET_KEY_VARIABLE",
+                             extra="compat: {reasoning_content: restore}")
+    d, why = start_or_note("clients-compat", text)
+    env = {"DSGATE_COMPAT_NOTE": why or "not set"}
+    if d:
+        env["DSGATE_COMPAT_URL"] = "http://127.0.0.1:%d/v1" % d.port
+    run_node(run, "test_reasoning_tools.mjs", plain, fake, env)
+    if d:
+        clean_exit(run, "clients_compat_dsgate_clean_exit", d)
+
+
 def main():
     run = H.Runner("clients")
     try:
@@ -117,6 +196,8 @@ def main():
         else:
             run.ok("clients_cache_dsgate_clean_exit")
     run_keepalive(run, fake)
+    run_anthropic(run, fake)
+    run_reasoning(run, fake, d)
     rc = d.stop(15.0)
     log = d.log_text()
     bad = [p for p in ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer") if p in log]

@@ -36,11 +36,11 @@ FUZZ_CFLAGS   := -std=gnu11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer -Wall -
                  -DDSGATE_SYSCONF='"/nonexistent/dsgate.yaml"' -iquote src $(FUZZ_PKG_CFLAGS)
 
 # What each target links from src/ (module names) and its -max_len.
-FUZZ_MODS_conf        := conf route
-FUZZ_MODS_cache_key   := cache
+FUZZ_MODS_conf        := conf route dialect log
+FUZZ_MODS_cache_key   := cache dialect log
 FUZZ_MODS_sse         := sse
 FUZZ_MODS_retry_after := retry
-FUZZ_MODS_entry       := cache
+FUZZ_MODS_entry       := cache dialect log
 FUZZ_MODS_http        := http log
 FUZZ_MODS_rewrite     := route
 FUZZ_MODS_jscan       := jscan

@@ -1639,3 +1639,44 @@ def load_corpus(path):
             names.add(name)
             out.append((name, corpus_unescape(rest)))
     return out
+
+
+# ---------------------------------------------------------------- config keys of the dsgate under test
+
+_accepted = {}
+
+
+def config_accepted(text):
+    """(True, "") when `dsgate --check-config` accepts the config TEXT, else
+    (False, its first message line).  Cached per text."""
+    if text in _accepted:
+        return _accepted[text]
+    d = tempfile.mkdtemp(prefix="chk-", dir=_tmp_root)
+    path = os.path.join(d, "dsgate.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    e = dict(os.environ)
+    for k in _SCRUB_ENV:
+        e.pop(k, None)
+    e["ASAN_OPTIONS"] = ASAN_OPTIONS
+    try:
+        p = subprocess.run([DSGATE, "-c", path, "--check-config"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e, timeout=30)
+        out = p.stdout.decode("utf-8", "replace").strip().splitlines()
+        res = (p.returncode == 0, "" if p.returncode == 0 else (out[0] if out else "exit %d" % p.returncode))
+    except (OSError, subprocess.TimeoutExpired) as ex:
+        res = (False, str(ex))
+    _accepted[text] = res
+    return res
+
+
+def dialects_line(dialects=("openai", "anthropic"), indent="    "):
+    """The line `dialects: [...]` of an upstreams: entry (issue 15: an upstream
+    that is not api.deepseek.com takes only OpenAI requests unless it lists
+    anthropic), or "" when the dsgate under test does not know the key yet,
+    so that a test of something else still runs (the tests of dialects
+    themselves write the key and fail at startup then)."""
+    line = "%sdialects: [%s]" % (indent, ", ".join(dialects))
+    ok, _ = config_accepted("listen: 127.0.0.1:1\nupstreams:\n  - name: a\n"
+                            "    url: http://127.0.0.1:9\n%s\n" % line.replace(indent, "    ", 1))
+    return line if ok else ""

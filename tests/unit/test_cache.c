@@ -20,6 +20,7 @@
 #include <cmocka.h>
 
 #include "cache.h"
+#include "dialect.h"
 
 #define NELEM(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -349,7 +350,7 @@ static void test_storable_table(void **state)
         assert_non_null(b);
         memcpy(b, c->body, len);
         size_t start = 12345;
-        bool ok = cache_storable(c->sse, b, len, &start);
+        bool ok = cache_storable(&dialect_openai, c->sse, b, len, &start);
         if (ok != c->ok) {
             fail_msg("'%s': storable %d, want %d", c->name, ok, c->ok);
         }
@@ -367,14 +368,14 @@ static void test_storable_stream_prefixes(void **state)
     size_t start;
 
     (void)state;
-    assert_true(cache_storable(true, SSE_BODY, len, &start));
+    assert_true(cache_storable(&dialect_openai, true, SSE_BODY, len, &start));
     const char *done = strstr(SSE_BODY, "data: [DONE]");
     size_t complete = (size_t)(done - SSE_BODY) + strlen("data: [DONE]");
     for (size_t n = 0; n < len; n++) {
         char *b = malloc(n ? n : 1);
         assert_non_null(b);
         memcpy(b, SSE_BODY, n);
-        bool ok = cache_storable(true, b, n, &start);
+        bool ok = cache_storable(&dialect_openai, true, b, n, &start);
         if (ok != (n >= complete)) {
             fail_msg("prefix of %zu bytes: storable %d", n, ok);
         }
@@ -385,7 +386,7 @@ static void test_storable_stream_prefixes(void **state)
         char *b = malloc(n ? n : 1);
         assert_non_null(b);
         memcpy(b, JSON_BODY, n);
-        if (cache_storable(false, b, n, &start)) {
+        if (cache_storable(&dialect_openai, false, b, n, &start)) {
             fail_msg("JSON prefix of %zu bytes is storable", n);
         }
         free(b);

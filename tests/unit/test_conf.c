@@ -17,6 +17,7 @@
 #include <cmocka.h>
 
 #include "conf.h"
+#include "dialect.h"
 
 #define NELEM(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -48,6 +49,7 @@ static void expect_design_values(const struct conf *c)
     static const char *const paths[] = {
         "/chat/completions", "/v1/chat/completions", "/completions",
         "/v1/completions", "/embeddings", "/v1/embeddings",
+        "/anthropic/v1/messages", "/v1/messages",
     };
     const struct conf_upstream *u = &c->upstreams[0];
     size_t i;
@@ -68,6 +70,7 @@ static void expect_design_values(const struct conf *c)
     assert_int_equal(u->total_ms, 0);
     assert_string_equal(u->ca_file, "");
     assert_false(u->insecure);
+    assert_int_equal(u->dialects, DIALECT_BIT(DIALECT_OPENAI) | DIALECT_BIT(DIALECT_ANTHROPIC));
     assert_int_equal(c->routing, ROUTING_FAILOVER);
 
     assert_int_equal(c->queue.max_queued, 10000);
@@ -79,12 +82,13 @@ static void expect_design_values(const struct conf *c)
     assert_int_equal(c->retry.base_ms, 1000);
     assert_int_equal(c->retry.cap_ms, 30000);
     assert_int_equal(c->retry.jitter, JITTER_FULL);
-    assert_int_equal(c->retry.non_status, 5);
+    assert_int_equal(c->retry.non_status, 6);
     assert_int_equal(c->retry.on_status[0], 429);
     assert_int_equal(c->retry.on_status[1], 500);
     assert_int_equal(c->retry.on_status[2], 502);
     assert_int_equal(c->retry.on_status[3], 503);
     assert_int_equal(c->retry.on_status[4], 504);
+    assert_int_equal(c->retry.on_status[5], 529);
     assert_true(c->retry.on_connect);
     assert_true(c->retry.on_timeout);
     assert_true(c->retry.budget == 0.5);
@@ -159,6 +163,7 @@ static const char design_example[] =
     "    adaptive: true                  # lower the limit on 503/429, raise it on success\n"
     "    weight: 1\n"
     "    models: {}                      # optional\n"
+    "    dialects: [openai, anthropic]   # default; other hosts: [openai]\n"
     "    timeouts: {connect: 5s, first_data: 600s, idle: 120s, total: 0}   # 0: none\n"
     "queue:\n"
     "  max_queued: 10000\n"
@@ -170,7 +175,7 @@ static const char design_example[] =
     "  base: 1s\n"
     "  cap: 30s\n"
     "  jitter: full                    # full | equal | decorrelated | none\n"
-    "  on: [429, 500, 502, 503, 504, connect, timeout]\n"
+    "  on: [429, 500, 502, 503, 504, 529, connect, timeout]\n"
     "  budget: 0.5                     # retries at most 50% of recent first attempts\n"
     "cache:\n"
     "  enabled: true\n"
@@ -179,7 +184,7 @@ static const char design_example[] =
     "  redis: {url: \"\", prefix: \"dsgate:\", timeout: 50ms}   # empty url: memory only\n"
     "  shared: false                   # false: entries are scoped per client credential\n"
     "  paths: [/chat/completions, /v1/chat/completions, /completions, /v1/completions, "
-    "/embeddings, /v1/embeddings]\n"
+    "/embeddings, /v1/embeddings, /anthropic/v1/messages, /v1/messages]\n"
     "routing: failover                # failover | weighted\n"
     "fleet:                            # optional: many instances sharing one account\n"
     "  redis: \"\"                       # empty: off\n"
@@ -440,6 +445,16 @@ static const struct {
      "t.yaml:4:14: upstreams[0].models.x: must be a model name (got a list)"},
     {"upstreams:\n  - name: a\n    url: http://a\n    models: {x: y, x: z}\n",
      "t.yaml:4:20: upstreams[0].models.x: duplicate key"},
+    {"upstreams:\n  - name: a\n    url: http://a\n    dialects: [openai, claude]\n",
+     "t.yaml:4:24: upstreams[0].dialects[1]: must be one of openai, anthropic (got \"claude\")"},
+    {"upstreams:\n  - name: a\n    url: http://a\n    dialects: [openai, OpenAI]\n",
+     "t.yaml:4:24: upstreams[0].dialects[1]: is listed twice (got \"OpenAI\")"},
+    {"upstreams:\n  - name: a\n    url: http://a\n    dialects: []\n",
+     "t.yaml:4:5: upstreams[0].dialects: must have 1 to 2 entries (got 0)"},
+    {"upstreams:\n  - name: a\n    url: http://a\n    dialects:\n",
+     "t.yaml:4:5: upstreams[0].dialects: must have 1 to 2 entries (got 0)"},
+    {"upstreams:\n  - name: a\n    url: http://a\n    dialects: anthropic\n",
+     "t.yaml:4:5: upstreams[0].dialects: must be a list (got \"anthropic\")"},
     {"upstreams:\n  - name: a\n    url: http://a\n    timeouts: {connect: 0}\n",
      "t.yaml:4:16: upstreams[0].timeouts.connect: must be between 1ms and 5m (got \"0\")"},
     {"upstreams:\n  - name: a\n    url: http://a\n    timeouts: {total: 25h}\n",
@@ -894,6 +909,60 @@ static void test_env_with_file(void **state)
     unlink(path);
 }
 
+/* upstreams[].dialects: as listed, else by the url's host. */
+static void test_dialects(void **state)
+{
+    static const unsigned both = DIALECT_BIT(DIALECT_OPENAI) | DIALECT_BIT(DIALECT_ANTHROPIC);
+    static const unsigned openai = DIALECT_BIT(DIALECT_OPENAI);
+    static const char yaml[] =
+        "upstreams:\n"
+        "  - {name: a, url: \"https://api.deepseek.com\"}\n"
+        "  - {name: b, url: \"HTTPS://API.DeepSeek.com:443/\"}\n"
+        "  - {name: c, url: \"http://127.0.0.1:8000/v1\"}\n"
+        "  - {name: d, url: \"https://deepseek.example\"}\n"
+        "  - {name: e, url: \"http://127.0.0.1:8000\", dialects: [anthropic, openai]}\n"
+        "  - {name: f, url: \"https://api.deepseek.com\", dialects: [openai]}\n"
+        "  - {name: g, url: \"http://localhost:11434\", dialects: [Anthropic]}\n";
+    static const unsigned want[] = {both, both, openai, openai, both, openai,
+                                    DIALECT_BIT(DIALECT_ANTHROPIC)};
+    char *err = NULL;
+    struct conf *c;
+
+    (void)state;
+    unset_env();
+    c = parse(yaml, &err);
+    assert_null(err);
+    assert_non_null(c);
+    assert_int_equal(c->nupstreams, NELEM(want));
+    for (size_t i = 0; i < NELEM(want); i++) {
+        if (c->upstreams[i].dialects != want[i]) {
+            fail_msg("upstream %s: dialects %#x, want %#x", c->upstreams[i].name,
+                     c->upstreams[i].dialects, want[i]);
+        }
+    }
+    conf_free(c);
+
+    /* DSGATE_UPSTREAM: a default follows the new host, a listed set stays */
+    setenv("DSGATE_UPSTREAM", "http://127.0.0.1:9999", 1);
+    c = conf_load(NULL, &err);
+    assert_non_null(c);
+    assert_int_equal(c->upstreams[0].dialects, openai);
+    conf_free(c);
+    c = parse("upstreams: [{name: a, url: \"http://x\", dialects: [openai, anthropic]}]\n", &err);
+    assert_non_null(c);
+    assert_int_equal(conf_apply_env(c, &err), 0);
+    assert_int_equal(c->upstreams[0].dialects, both);
+    conf_free(c);
+    setenv("DSGATE_UPSTREAM", "https://api.deepseek.com", 1);
+    c = parse("upstreams: [{name: a, url: \"http://127.0.0.1:1\"}]\n", &err);
+    assert_non_null(c);
+    assert_int_equal(c->upstreams[0].dialects, openai);
+    assert_int_equal(conf_apply_env(c, &err), 0);
+    assert_int_equal(c->upstreams[0].dialects, both);
+    conf_free(c);
+    unset_env();
+}
+
 static void test_reload(void **state)
 {
     char *err = NULL;
@@ -937,6 +1006,7 @@ int main(void)
         cmocka_unit_test(test_bounds_inclusive),
         cmocka_unit_test(test_insecure),
         cmocka_unit_test(test_env),
+        cmocka_unit_test(test_dialects),
         cmocka_unit_test(test_env_with_file),
         cmocka_unit_test(test_reload),
     };

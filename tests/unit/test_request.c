@@ -287,6 +287,7 @@ struct up_spec {
     int max_inflight;      /* 0: 1 */
     int weight;            /* 0: 1 */
     const char *models[3]; /* none: takes any model */
+    unsigned dialects;     /* DIALECT_BIT()s; 0: all */
 };
 
 struct gw_spec {
@@ -433,6 +434,7 @@ fx_build(struct fx *f, const struct gw_spec *s)
         uc->max_inflight = s->ups[i].max_inflight ? s->ups[i].max_inflight : 1;
         uc->weight = s->ups[i].weight ? s->ups[i].weight : 1;
         uc->connect_ms = 1000;
+        uc->dialects = s->ups[i].dialects ? s->ups[i].dialects : DIALECT_ALL;
         uc->models = f->cm[i];
         for (size_t k = 0; k < 3 && s->ups[i].models[k]; k++) {
             f->cm[i][k].from = f->cm[i][k].to = (char *)s->ups[i].models[k];
@@ -510,6 +512,7 @@ req_new(struct fx *f, enum prio p, const char *model)
     r->gw = &f->gw;
     r->prio = p;
     r->model = (char *)model;
+    r->dialect = &dialect_openai;
     r->id = f->nreqs;
     r->state = REQ_NEW;
     r->t_start_us = http_now_us();
@@ -619,6 +622,70 @@ test_unknown_model(void **state)
     assert_true(dispatch_any_eligible(req_new(f, M, NULL))); /* no model: any upstream */
     assert_true(dispatch_any_eligible(req_new(f, M, "mb")));
     assert_null(dispatch_auth_blocked(req_new(f, M, "mc")));
+}
+
+/* A request goes only to upstreams that take its dialect; none: not served (404). */
+static void
+test_dialect_filter(void **state)
+{
+    static const struct gw_spec spec = {
+        .nups = 2,
+        .ups = {{"vllm", 4, 1, {NULL}, DIALECT_BIT(DIALECT_OPENAI)}, {"deepseek", 4, 1, {NULL}, 0}},
+        .max_queued = 10};
+    struct fx *f = *state;
+    struct gw_upstream *up;
+
+    fx_build(f, &spec);
+    struct request *o = req_new(f, M, NULL), *a = req_new(f, M, NULL);
+    a->dialect = &dialect_anthropic;
+    assert_true(dispatch_dialect_served(a));
+    assert_int_equal(submit(o, &up), DISPATCH_GO);
+    assert_string_equal(up->conf->name, "vllm");
+    assert_int_equal(submit(a, &up), DISPATCH_GO);
+    assert_string_equal(up->conf->name, "deepseek"); /* failover order, but vllm does not speak it */
+    f->uc[1].dialects = DIALECT_BIT(DIALECT_OPENAI);
+    struct request *a2 = req_new(f, M, NULL);
+    a2->dialect = &dialect_anthropic;
+    assert_false(dispatch_dialect_served(a2));
+    assert_false(dispatch_any_eligible(a2));
+    assert_true(dispatch_dialect_served(req_new(f, M, NULL)));
+}
+
+/* A cheap request (token counting) goes at once: no slot, not behind a full queue. */
+static void
+test_cheap_not_queued(void **state)
+{
+    static const struct gw_spec spec = {.nups = 1, .ups = {{"a", 1, 1, {NULL}}}, .max_queued = 1};
+    struct fx *f = *state;
+    struct gw_upstream *up = NULL;
+
+    fx_build(f, &spec);
+    struct request *r0 = req_new(f, M, NULL), *r1 = req_new(f, M, NULL);
+    assert_int_equal(submit(r0, &up), DISPATCH_GO);
+    assert_int_equal(submit(r1, &up), DISPATCH_QUEUED); /* the queue is full now */
+    assert_int_equal(submit(req_new(f, M, NULL), &up), DISPATCH_FULL);
+    int limit = sched_limit_current(&f->up[0]->limit);
+    struct request *c = req_new(f, L, NULL);
+    c->dialect = &dialect_anthropic;
+    c->cheap = true;
+    up = NULL;
+    assert_int_equal(dispatch_submit(c, &up), DISPATCH_GO);
+    assert_ptr_equal(up, f->up[0]);
+    c->att->up = up;
+    dispatch_acquire(c, up);
+    assert_false(c->att->slot_held);
+    assert_int_equal(f->up[0]->limit.inflight, 1); /* r0's only */
+    dispatch_held(c);
+    assert_false(c->att->held);
+    dispatch_limit(c, true); /* says nothing about the limit */
+    assert_int_equal(sched_limit_current(&f->up[0]->limit), limit);
+    dispatch_release(c);
+    assert_int_equal(f->up[0]->limit.inflight, 1);
+    /* after a backoff too */
+    assert_int_equal(dispatch_requeue(c, &up), DISPATCH_GO);
+    assert_true(r1->item.queued);
+    dispatch_leave(r1);
+    dispatch_release(r0);
 }
 
 /* Failover overflows to the next upstream at its limit; then the queue. */
@@ -1080,7 +1147,7 @@ test_auth_blocked(void **state)
         }
         f = *state;
         for (size_t i = 0; i < t[c].nups; i++) {
-            spec.ups[i] = (struct up_spec){i ? "b" : "a", 1, 1, {t[c].only[i]}};
+            spec.ups[i] = (struct up_spec){i ? "b" : "a", 1, 1, {t[c].only[i]}, 0};
         }
         fx_build(f, &spec);
         for (size_t i = 0; i < t[c].nups; i++) {
@@ -1291,7 +1358,7 @@ test_alternative(void **state)
         }
         f = *state;
         for (size_t i = 0; i < t[c].nups; i++) {
-            spec.ups[i] = (struct up_spec){names[i], 1, 1, {t[c].only[i]}};
+            spec.ups[i] = (struct up_spec){names[i], 1, 1, {t[c].only[i]}, 0};
         }
         fx_build(f, &spec);
         for (size_t i = 0; i < t[c].nups; i++) {
@@ -1725,6 +1792,8 @@ main(void)
         cmocka_unit_test(test_left_end),
         cmocka_unit_test_setup_teardown(test_submit_go_by_model, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_unknown_model, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_dialect_filter, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_cheap_not_queued, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_submit_failover_then_queue, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_submit_weighted, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_no_queue_jumping, fx_setup, fx_teardown),

@@ -359,7 +359,7 @@ static void test_retry_on_status(void **state)
         int status;
         bool want;
     } defaults[] = {
-        { 429, true }, { 500, true }, { 502, true }, { 503, true }, { 504, true },
+        { 429, true }, { 500, true }, { 502, true }, { 503, true }, { 504, true }, { 529, true },
         { 200, false }, { 400, false }, { 401, false }, { 402, false }, { 403, false },
         { 404, false }, { 422, false }, { 501, false }, { 505, false }, { 0, false },
     };
