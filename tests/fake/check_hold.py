@@ -295,7 +295,8 @@ def check_config():
     try:
         cfg = f.get("/_config")
         assert cfg == {"capacity": 1, "hold": True, "hold_max_ms": 600000,
-                       "hold_keepalive_ms": 5000, "latency_ms": 0, "account_limit": 0}, cfg
+                       "hold_keepalive_ms": 5000, "latency_ms": 0, "account_limit": 0,
+                       "fail_next": 0, "fail_status": 503, "anthropic_done": False}, cfg
         a = Resp(f.port, "POST", "/v1/chat/completions", chat(), {"X-Fake-Delay-Ms": "2000"})
         time.sleep(0.05)
         b = Resp(f.port, "POST", "/v1/chat/completions", chat(True), {"X-Test-Id": "B"})

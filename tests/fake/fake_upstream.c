@@ -588,6 +588,9 @@ struct opts {
     bool hold;                      /* over capacity: hold (200, keep-alives), not 503 */
     long hold_ka_ms, hold_max_ms;
     long account_limit;             /* 0: none; beyond: 429 */
+    long fail_next;                 /* the next N completion requests fail ... */
+    long fail_status;               /* ... with this status (default 503) */
+    bool anthropic_done;            /* Anthropic streams end with data: [DONE] too */
 };
 
 struct logent {
@@ -633,7 +636,7 @@ struct fake {
 };
 
 enum ep {
-    EP_ECHO, EP_CHAT, EP_COMPL, EP_EMBED, EP_MODELS,
+    EP_ECHO, EP_CHAT, EP_COMPL, EP_EMBED, EP_MODELS, EP_ANTH, EP_ANTH_COUNT,
     EP_STATS, EP_RESET, EP_LOG, EP_CONFIG,      /* control: not counted */
 };
 
@@ -658,11 +661,15 @@ struct req {
     /* X-Fake-* */
     long x_status, x_delay, x_ka, x_events, x_ev_delay, x_reset, x_body_bytes;
     long x_first, x_hold_close;     /* -1: absent */
+    int x_anth_done;                /* X-Fake-Anthropic-Done: -1 absent, 0, 1 */
     bool x_trunc, x_never, x_garbage, x_reset_reused;
     struct span x_retry, x_redirect;
     /* running */
     enum ep ep;
     bool counted, completion, stream, reasoner, bad_json, head_sent, wait_timer;
+    bool anth;                      /* an Anthropic path: Anthropic-shaped errors */
+    bool tool;                      /* the answer is a tool call (content: its arguments) */
+    bool anth_done;                 /* this Anthropic stream ends with data: [DONE] */
     enum after after;
     unsigned gen;
     uint64_t seq;
@@ -702,6 +709,7 @@ struct conn {
     struct buf head, body;          /* raw head, decoded body */
     struct buf model;               /* JSON string, quoted */
     struct buf content, reasoning, prefix, errmsg;
+    struct buf tool_name;           /* JSON string, quoted (r.tool) */
     size_t *bounds;                 /* nev + 1 content cuts */
     size_t bounds_cap;
     size_t rbounds[3];              /* reasoning cuts */
@@ -757,6 +765,7 @@ static const struct status_info statuses[] = {
     { 502, "Bad Gateway", "Bad gateway (fake)", "server_error" },
     { 503, "Service Unavailable", "Server is busy", "server_busy" },
     { 504, "Gateway Timeout", "Gateway timeout (fake)", "server_error" },
+    { 529, "Overloaded", "Overloaded", "overloaded_error" },
 };
 
 static struct status_info status_lookup(int status)
@@ -1020,7 +1029,7 @@ static void http_head(struct conn *c, int status, const char *ctype, int64_t cle
         buf_str(h, f->opt.name);
         buf_lit(h, "\r\n");
     }
-    if (status == 429 || status == 503) {
+    if (status == 429 || status == 503 || status == 529) {
         if (r->x_retry.n) {
             buf_lit(h, "Retry-After: ");
             buf_add(h, r->x_retry.p, r->x_retry.n);
@@ -1100,9 +1109,46 @@ static const char models_json[] =
     "{\"id\":\"deepseek-v4-flash\",\"object\":\"model\",\"owned_by\":\"deepseek\"},"
     "{\"id\":\"deepseek-v4-pro\",\"object\":\"model\",\"owned_by\":\"deepseek\"}]}";
 
+/* The error "type" of the Anthropic Messages API for STATUS. */
+static const char *anth_error_type(int status)
+{
+    switch (status) {
+    case 400: return "invalid_request_error";
+    case 401: return "authentication_error";
+    case 402: return "billing_error";
+    case 403: return "permission_error";
+    case 404: return "not_found_error";
+    case 413: return "request_too_large";
+    case 429: return "rate_limit_error";
+    case 503: case 529: return "overloaded_error";
+    case 504: return "timeout_error";
+    default: return status >= 500 ? "api_error" : "invalid_request_error";
+    }
+}
+
+/* The error answer of an Anthropic path:
+ * {"type":"error","error":{"type":..,"message":..}}. */
+static void anth_error_json(struct conn *c, struct buf *b)
+{
+    struct status_info si = status_lookup(c->r.status);
+    buf_lit(b, "{\"type\":\"error\",\"error\":{\"type\":");
+    js_cstr(b, c->r.bad_json ? "invalid_request_error" : anth_error_type(c->r.status));
+    buf_lit(b, ",\"message\":");
+    if (c->r.bad_json) {
+        js_str(b, c->errmsg.p, c->errmsg.len);
+    } else {
+        js_cstr(b, c->r.acct ? "Too many concurrent requests" : si.message);
+    }
+    buf_lit(b, "}}");
+}
+
 static void error_json(struct conn *c, struct buf *b)
 {
     struct status_info si = status_lookup(c->r.status);
+    if (c->r.anth) {
+        anth_error_json(c, b);
+        return;
+    }
     buf_lit(b, "{\"error\":{\"message\":");
     if (c->r.bad_json) {
         js_str(b, c->errmsg.p, c->errmsg.len);
@@ -1149,14 +1195,90 @@ static void chat_json(struct conn *c, struct buf *b)
     buf_lit(b, ",\"model\":");
     buf_add(b, c->model.p, c->model.len);
     buf_lit(b, ",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
-    js_str(b, c->content.p, c->content.len);
+    if (r->tool) {
+        buf_lit(b, "\"\"");
+    } else {
+        js_str(b, c->content.p, c->content.len);
+    }
     if (r->reasoner) {
         buf_lit(b, ",\"reasoning_content\":");
         js_str(b, c->reasoning.p, c->reasoning.len);
     }
-    buf_lit(b, "},\"logprobs\":null,\"finish_reason\":\"stop\"}],\"usage\":");
+    if (r->tool) {
+        buf_lit(b, ",\"tool_calls\":[{\"id\":\"call_");
+        buf_u64(b, r->seq);
+        buf_lit(b, "\",\"type\":\"function\",\"function\":{\"name\":");
+        buf_add(b, c->tool_name.p, c->tool_name.len);
+        buf_lit(b, ",\"arguments\":");
+        js_str(b, c->content.p, c->content.len);
+        buf_lit(b, "}}]");
+    }
+    buf_lit(b, "},\"logprobs\":null,\"finish_reason\":");
+    if (r->tool) {
+        buf_lit(b, "\"tool_calls\"}],\"usage\":");
+    } else {
+        buf_lit(b, "\"stop\"}],\"usage\":");
+    }
     usage_json(c, b);
     buf_lit(b, ",\"system_fingerprint\":\"fp_fake\"}");
+}
+
+static void anth_usage_json(struct conn *c, struct buf *b)
+{
+    buf_lit(b, "{\"input_tokens\":");
+    buf_u64(b, c->r.ptok);
+    buf_lit(b, ",\"output_tokens\":");
+    buf_u64(b, c->r.ctok + c->r.rtok);
+    buf_lit(b, ",\"cache_read_input_tokens\":0,\"cache_creation_input_tokens\":0}");
+}
+
+static void anth_stop_reason(struct conn *c, struct buf *b)
+{
+    if (c->r.tool) {
+        buf_lit(b, "\"tool_use\"");
+    } else {
+        buf_lit(b, "\"end_turn\"");
+    }
+}
+
+/* The content block of the answer (text or tool_use), complete. */
+static void anth_block_json(struct conn *c, struct buf *b)
+{
+    if (c->r.tool) {
+        buf_lit(b, "{\"type\":\"tool_use\",\"id\":\"toolu_");
+        buf_u64(b, c->r.seq);
+        buf_lit(b, "\",\"name\":");
+        buf_add(b, c->tool_name.p, c->tool_name.len);
+        buf_lit(b, ",\"input\":");
+        buf_add(b, c->content.p, c->content.len);       /* a JSON object */
+        buf_lit(b, "}");
+    } else {
+        buf_lit(b, "{\"type\":\"text\",\"text\":");
+        js_str(b, c->content.p, c->content.len);
+        buf_lit(b, "}");
+    }
+}
+
+/* A non-stream answer of the Anthropic Messages API. */
+static void anth_json(struct conn *c, struct buf *b)
+{
+    struct req *r = &c->r;
+    buf_lit(b, "{\"id\":\"msg_");
+    buf_u64(b, r->seq);
+    buf_lit(b, "\",\"type\":\"message\",\"role\":\"assistant\",\"model\":");
+    buf_add(b, c->model.p, c->model.len);
+    buf_lit(b, ",\"content\":[");
+    if (r->reasoner) {
+        buf_lit(b, "{\"type\":\"thinking\",\"thinking\":");
+        js_str(b, c->reasoning.p, c->reasoning.len);
+        buf_lit(b, ",\"signature\":\"sig\"},");
+    }
+    anth_block_json(c, b);
+    buf_lit(b, "],\"stop_reason\":");
+    anth_stop_reason(c, b);
+    buf_lit(b, ",\"stop_sequence\":null,\"usage\":");
+    anth_usage_json(c, b);
+    buf_lit(b, "}");
 }
 
 static void compl_json(struct conn *c, struct buf *b)
@@ -1223,6 +1345,84 @@ static void text_of(struct buf *out, json_t *content)
     }
 }
 
+/* Appends the text of an Anthropic message "content": a string, or the
+ * text blocks of an array, and the content (string or text blocks) of its
+ * tool_result blocks.  True when it has a tool_result block. */
+static bool anth_text_of(struct buf *out, json_t *content)
+{
+    bool result = false;
+    if (!json_is_array(content)) {
+        text_of(out, content);
+        return false;
+    }
+    size_t i;
+    json_t *block;
+    json_array_foreach(content, i, block) {
+        json_t *type = json_object_get(block, "type");
+        if (json_is_string(type) && strcmp(json_string_value(type), "tool_result") == 0) {
+            result = true;
+            text_of(out, json_object_get(block, "content"));
+        } else if (json_is_string(type) && strcmp(json_string_value(type), "text") == 0) {
+            json_t *text = json_object_get(block, "text");
+            if (json_is_string(text)) {
+                buf_add(out, json_string_value(text), json_string_length(text));
+            }
+        }
+    }
+    return result;
+}
+
+/* Does TEXT hold the tool trigger "use tool"? */
+static bool has_trigger(const struct buf *text)
+{
+    return text->len && memmem(text->p, text->len, "use tool", 8) != NULL;
+}
+
+/* The name of the first tool of a "tools" array (OpenAI: .function.name,
+ * Anthropic: .name) as a quoted JSON string into OUT; false when there is
+ * no tool. */
+static bool first_tool(struct buf *out, json_t *tools, bool anth)
+{
+    if (!json_is_array(tools) || json_array_size(tools) == 0) {
+        return false;
+    }
+    json_t *t = json_array_get(tools, 0);
+    json_t *name = anth ? json_object_get(t, "name")
+                        : json_object_get(json_object_get(t, "function"), "name");
+    out->len = 0;
+    js_cstr(out, json_is_string(name) ? json_string_value(name) : "tool");
+    return true;
+}
+
+/* DeepSeek's rule for thinking models: an assistant message with tool_calls
+ * must carry its reasoning_content back.  -1 with C->errmsg set when a
+ * message of MSGS breaks it. */
+static int reasoning_rule(struct conn *c, json_t *msgs)
+{
+    size_t i;
+    json_t *m;
+    json_array_foreach(msgs, i, m) {
+        json_t *role = json_object_get(m, "role");
+        json_t *calls = json_object_get(m, "tool_calls");
+        json_t *rc = json_object_get(m, "reasoning_content");
+        if (json_is_string(role) && strcmp(json_string_value(role), "assistant") == 0 &&
+            json_is_array(calls) && json_array_size(calls) > 0 && (rc == NULL || json_is_null(rc))) {
+            c->errmsg.len = 0;
+            buf_printf(&c->errmsg, "Missing `reasoning_content` field in the assistant message at "
+                       "message index %zu. For more information, please refer to "
+                       "https://api-docs.deepseek.com/guides/thinking_mode#tool-calls", i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static bool is_role(json_t *msg, const char *role)
+{
+    json_t *v = json_object_get(msg, "role");
+    return json_is_string(v) && strcmp(json_string_value(v), role) == 0;
+}
+
 static void embed_one(struct buf *b, size_t index, const char *s, size_t n)
 {
     uint64_t h = 1469598103934665603ULL;
@@ -1269,9 +1469,17 @@ static int model_prepare(struct conn *c)
     const char *model = json_is_string(jm) ? json_string_value(jm) : "deepseek-chat";
     c->model.len = 0;
     js_cstr(&c->model, model);
-    r->stream = r->ep != EP_EMBED && json_is_true(json_object_get(root, "stream"));
+    r->stream = r->ep != EP_EMBED && r->ep != EP_ANTH_COUNT &&
+                json_is_true(json_object_get(root, "stream"));
     r->reasoner = r->ep == EP_CHAT &&
                   (strstr(model, "reasoner") != NULL || strcmp(model, "deepseek-v4-pro") == 0);
+    if (r->ep == EP_ANTH) {
+        json_t *th = json_object_get(json_object_get(root, "thinking"), "type");
+        r->reasoner = strstr(model, "reasoner") != NULL ||
+                      (json_is_string(th) && strcmp(json_string_value(th), "enabled") == 0);
+        r->anth_done = r->x_anth_done >= 0 ? r->x_anth_done == 1 : c->f->opt.anthropic_done;
+    }
+    r->tool = false;
 
     struct buf text = { 0 };
     c->content.len = 0;
@@ -1301,9 +1509,30 @@ static int model_prepare(struct conn *c)
 
     if (r->ep == EP_CHAT) {
         json_t *msgs = json_object_get(root, "messages");
+        if (r->reasoner && json_is_array(msgs) && reasoning_rule(c, msgs) < 0) {
+            json_decref(root);
+            return -1;
+        }
         if (json_is_array(msgs) && json_array_size(msgs) > 0) {
             json_t *last = json_array_get(msgs, json_array_size(msgs) - 1);
             text_of(&text, json_object_get(last, "content"));
+            r->tool = is_role(last, "user") && has_trigger(&text) &&
+                      first_tool(&c->tool_name, json_object_get(root, "tools"), false);
+        }
+    } else if (r->ep == EP_ANTH || r->ep == EP_ANTH_COUNT) {
+        json_t *msgs = json_object_get(root, "messages");
+        if (json_is_array(msgs) && json_array_size(msgs) > 0) {
+            json_t *last = json_array_get(msgs, json_array_size(msgs) - 1);
+            bool result = anth_text_of(&text, json_object_get(last, "content"));
+            r->tool = r->ep == EP_ANTH && !result && is_role(last, "user") &&
+                      has_trigger(&text) &&
+                      first_tool(&c->tool_name, json_object_get(root, "tools"), true);
+        }
+        if (r->ep == EP_ANTH_COUNT) {
+            r->ptok = 1 + text.len / 4;
+            buf_free(&text);
+            json_decref(root);
+            return 0;
         }
     } else {
         json_t *p = json_object_get(root, "prompt");
@@ -1314,16 +1543,27 @@ static int model_prepare(struct conn *c)
     }
     json_decref(root);
 
-    buf_lit(&c->content, "echo: ");
-    buf_add(&c->content, text.p, text.len);
-    if (r->x_body_bytes > 0 && (size_t)r->x_body_bytes > c->content.len) {
-        pad_to(&c->content, (size_t)r->x_body_bytes);
-    }
-    size_t nev = (size_t)r->x_events;
-    size_t ncp = utf8_count(c->content.p, c->content.len);
-    if (ncp < nev) {
-        pad_to(&c->content, c->content.len + (nev - ncp));
-        ncp = nev;
+    size_t nev = (size_t)r->x_events, ncp;
+    if (r->tool) {
+        /* the tool's arguments, {"query": text}: cut, never padded */
+        buf_lit(&c->content, "{\"query\":");
+        js_str(&c->content, text.p ? text.p : "", text.len);
+        buf_lit(&c->content, "}");
+        ncp = utf8_count(c->content.p, c->content.len);
+        if (ncp < nev) {
+            nev = ncp;
+        }
+    } else {
+        buf_lit(&c->content, "echo: ");
+        buf_add(&c->content, text.p, text.len);
+        if (r->x_body_bytes > 0 && (size_t)r->x_body_bytes > c->content.len) {
+            pad_to(&c->content, (size_t)r->x_body_bytes);
+        }
+        ncp = utf8_count(c->content.p, c->content.len);
+        if (ncp < nev) {
+            pad_to(&c->content, c->content.len + (nev - ncp));
+            ncp = nev;
+        }
     }
     r->nev = nev;
     if (r->stream) {
@@ -1383,7 +1623,10 @@ static void stream_event(struct conn *c, size_t idx, struct buf *b)
     }
     buf_add(b, c->prefix.p, c->prefix.len);
     if (idx == r->ev_total - 2) {
-        if (r->ep == EP_CHAT) {
+        if (r->ep == EP_CHAT && r->tool) {
+            buf_lit(b, "\"index\":0,\"delta\":{\"content\":\"\"},\"logprobs\":null,"
+                       "\"finish_reason\":\"tool_calls\"}],\"usage\":");
+        } else if (r->ep == EP_CHAT) {
             buf_lit(b, "\"index\":0,\"delta\":{\"content\":\"\"},\"logprobs\":null,"
                        "\"finish_reason\":\"stop\"}],\"usage\":");
         } else {
@@ -1410,6 +1653,22 @@ static void stream_event(struct conn *c, size_t idx, struct buf *b)
             }
             idx -= 2;
         }
+        if (r->tool) {
+            if (idx == 0) {
+                buf_lit(b, "\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_");
+                buf_u64(b, r->seq);
+                buf_lit(b, "\",\"type\":\"function\",\"function\":{\"name\":");
+                buf_add(b, c->tool_name.p, c->tool_name.len);
+                buf_lit(b, ",\"arguments\":\"\"}}]},\"logprobs\":null,\"finish_reason\":null}]}\n\n");
+                return;
+            }
+            idx--;
+            buf_lit(b, "\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":"
+                       "{\"arguments\":");
+            js_str(b, c->content.p + c->bounds[idx], c->bounds[idx + 1] - c->bounds[idx]);
+            buf_lit(b, "}}]},\"logprobs\":null,\"finish_reason\":null}]}\n\n");
+            return;
+        }
         buf_lit(b, "\"index\":0,\"delta\":{\"content\":");
         js_str(b, c->content.p + c->bounds[idx], c->bounds[idx + 1] - c->bounds[idx]);
         buf_lit(b, "},\"logprobs\":null,\"finish_reason\":null}]}\n\n");
@@ -1418,6 +1677,108 @@ static void stream_event(struct conn *c, size_t idx, struct buf *b)
     buf_lit(b, "\"text\":");
     js_str(b, c->content.p + c->bounds[idx], c->bounds[idx + 1] - c->bounds[idx]);
     buf_lit(b, ",\"index\":0,\"logprobs\":null,\"finish_reason\":null}]}\n\n");
+}
+
+/*
+ * Event IDX of an Anthropic Messages stream, into B: message_start; with
+ * thinking a thinking block (start, 2 thinking_delta, signature_delta,
+ * stop); the text or tool_use block (start, NEV text_delta or
+ * input_json_delta, stop); message_delta; message_stop; with anth_done
+ * data: [DONE].
+ */
+static void anth_event(struct conn *c, size_t idx, struct buf *b)
+{
+    struct req *r = &c->r;
+    size_t blk = r->reasoner ? 1 : 0;           /* index of the text / tool_use block */
+
+    if (idx == 0) {
+        buf_lit(b, "event: message_start\ndata: {\"type\":\"message_start\",\"message\":"
+                   "{\"id\":\"msg_");
+        buf_u64(b, r->seq);
+        buf_lit(b, "\",\"type\":\"message\",\"role\":\"assistant\",\"model\":");
+        buf_add(b, c->model.p, c->model.len);
+        buf_lit(b, ",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,"
+                   "\"usage\":{\"input_tokens\":");
+        buf_u64(b, r->ptok);
+        buf_lit(b, ",\"output_tokens\":1,\"cache_read_input_tokens\":0,"
+                   "\"cache_creation_input_tokens\":0}}}\n\n");
+        return;
+    }
+    idx--;
+    if (r->reasoner) {
+        if (idx == 0) {
+            buf_lit(b, "event: content_block_start\ndata: {\"type\":\"content_block_start\","
+                       "\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\","
+                       "\"signature\":\"\"}}\n\n");
+            return;
+        }
+        if (idx == 1 || idx == 2) {
+            buf_lit(b, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\","
+                       "\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":");
+            js_str(b, c->reasoning.p + c->rbounds[idx - 1], c->rbounds[idx] - c->rbounds[idx - 1]);
+            buf_lit(b, "}}\n\n");
+            return;
+        }
+        if (idx == 3) {
+            buf_lit(b, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\","
+                       "\"index\":0,\"delta\":{\"type\":\"signature_delta\",\"signature\":\"sig\"}}\n\n");
+            return;
+        }
+        if (idx == 4) {
+            buf_lit(b, "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n");
+            return;
+        }
+        idx -= 5;
+    }
+    if (idx == 0) {
+        buf_lit(b, "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":");
+        buf_u64(b, blk);
+        if (r->tool) {
+            buf_lit(b, ",\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_");
+            buf_u64(b, r->seq);
+            buf_lit(b, "\",\"name\":");
+            buf_add(b, c->tool_name.p, c->tool_name.len);
+            buf_lit(b, ",\"input\":{}}}\n\n");
+        } else {
+            buf_lit(b, ",\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n");
+        }
+        return;
+    }
+    idx--;
+    if (idx < r->nev) {
+        buf_lit(b, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":");
+        buf_u64(b, blk);
+        if (r->tool) {
+            buf_lit(b, ",\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":");
+        } else {
+            buf_lit(b, ",\"delta\":{\"type\":\"text_delta\",\"text\":");
+        }
+        js_str(b, c->content.p + c->bounds[idx], c->bounds[idx + 1] - c->bounds[idx]);
+        buf_lit(b, "}}\n\n");
+        return;
+    }
+    idx -= r->nev;
+    switch (idx) {
+    case 0:
+        buf_lit(b, "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":");
+        buf_u64(b, blk);
+        buf_lit(b, "}\n\n");
+        return;
+    case 1:
+        buf_lit(b, "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":"
+                   "{\"stop_reason\":");
+        anth_stop_reason(c, b);
+        buf_lit(b, ",\"stop_sequence\":null},\"usage\":{\"output_tokens\":");
+        buf_u64(b, r->ctok + r->rtok);
+        buf_lit(b, "}}\n\n");
+        return;
+    case 2:
+        buf_lit(b, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+        return;
+    default:
+        buf_lit(b, "data: [DONE]\n\n");
+        return;
+    }
 }
 
 static void stream_head(struct conn *c)
@@ -1432,8 +1793,13 @@ static void stream_start(struct conn *c)
     if (!r->head_sent) {
         stream_head(c);
     }
-    stream_prefix(c);
-    r->ev_total = (r->ep == EP_CHAT ? 1 + (r->reasoner ? 2 : 0) : 0) + r->nev + 2;
+    if (r->ep == EP_ANTH) {
+        r->ev_total = 1 + (r->reasoner ? 5 : 0) + 1 + r->nev + 1 + 2 + (r->anth_done ? 1 : 0);
+    } else {
+        stream_prefix(c);
+        r->ev_total = (r->ep == EP_CHAT ? 1 + (r->reasoner ? 2 : 0) + (r->tool ? 1 : 0) : 0) +
+                      r->nev + 2;
+    }
     r->ev_next = 0;
     r->data_sent = 0;
     c->rs = RS_STREAM;
@@ -1465,7 +1831,11 @@ static void stream_pump(struct conn *c)
     struct buf *b = &c->f->scratch;
     while (!stream_stop(c)) {
         b->len = 0;
-        stream_event(c, r->ev_next, b);
+        if (r->ep == EP_ANTH) {
+            anth_event(c, r->ev_next, b);
+        } else {
+            stream_event(c, r->ev_next, b);
+        }
         out_chunk(c, b->p, b->len);
         r->ev_next++;
         r->data_sent++;
@@ -1512,12 +1882,30 @@ static enum ep route(const struct req *r)
         if (span_eq(p, "/v1/embeddings") || span_eq(p, "/embeddings")) {
             return EP_EMBED;
         }
+        if (span_eq(p, "/anthropic/v1/messages") || span_eq(p, "/v1/messages")) {
+            return EP_ANTH;
+        }
+        if (span_eq(p, "/anthropic/v1/messages/count_tokens") ||
+            span_eq(p, "/v1/messages/count_tokens")) {
+            return EP_ANTH_COUNT;
+        }
     } else if (span_eq(r->method, "GET") || span_eq(r->method, "HEAD")) {
         if (span_eq(p, "/v1/models") || span_eq(p, "/models")) {
             return EP_MODELS;
         }
     }
     return EP_ECHO;
+}
+
+/* Is P a path of the Anthropic Messages API (/anthropic/..., /v1/messages...)? */
+static bool path_anth(struct span p)
+{
+    static const char a[] = "/anthropic/", m[] = "/v1/messages";
+    if (p.n >= sizeof a - 1 && memcmp(p.p, a, sizeof a - 1) == 0) {
+        return true;
+    }
+    return p.n >= sizeof m - 1 && memcmp(p.p, m, sizeof m - 1) == 0 &&
+           (p.n == sizeof m - 1 || p.p[sizeof m - 1] == '/');
 }
 
 /* Takes the request of C out of the hold FIFO (admitted, cut or gone). */
@@ -1659,6 +2047,18 @@ static void answer_now(struct conn *c)
             compl_json(c, b);
         }
         break;
+    case EP_ANTH:
+        if (r->stream) {
+            stream_start(c);
+            return;
+        }
+        anth_json(c, b);
+        break;
+    case EP_ANTH_COUNT:
+        buf_lit(b, "{\"input_tokens\":");
+        buf_u64(b, r->ptok);
+        buf_lit(b, "}");
+        break;
     case EP_EMBED:
         embed_json(c, b);
         break;
@@ -1733,6 +2133,16 @@ static void config_json(struct fake *f, struct buf *b)
     buf_i64(b, f->opt.latency_ms);
     buf_lit(b, ",\"account_limit\":");
     buf_i64(b, f->opt.account_limit);
+    buf_lit(b, ",\"fail_next\":");
+    buf_i64(b, f->opt.fail_next);
+    buf_lit(b, ",\"fail_status\":");
+    buf_i64(b, f->opt.fail_status);
+    buf_lit(b, ",\"anthropic_done\":");
+    if (f->opt.anthropic_done) {
+        buf_lit(b, "true");
+    } else {
+        buf_lit(b, "false");
+    }
     buf_lit(b, "}");
 }
 
@@ -1746,14 +2156,16 @@ static int config_set(struct conn *c)
     } keys[] = {
         { "capacity", 0, LONG_MAX }, { "hold_max_ms", 0, MAX_MS },
         { "hold_keepalive_ms", 1, MAX_MS }, { "latency_ms", 0, MAX_MS },
-        { "account_limit", 0, LONG_MAX },
+        { "account_limit", 0, LONG_MAX }, { "fail_next", 0, LONG_MAX },
+        { "fail_status", 200, 599 },
     };
     struct fake *f = c->f;
     long *dst[] = { &f->opt.capacity, &f->opt.hold_max_ms, &f->opt.hold_ka_ms,
-                    &f->opt.latency_ms, &f->opt.account_limit };
+                    &f->opt.latency_ms, &f->opt.account_limit, &f->opt.fail_next,
+                    &f->opt.fail_status };
     long val[sizeof keys / sizeof keys[0]];
     bool set[sizeof keys / sizeof keys[0]] = { false };
-    int hold = -1;
+    int hold = -1, done = -1;
     json_error_t jerr;
     json_t *root = json_loadb(c->body.p ? c->body.p : "", c->body.len, 0, &jerr);
     const char *k;
@@ -1768,6 +2180,10 @@ static int config_set(struct conn *c)
     json_object_foreach(root, k, v) {
         if (strcmp(k, "hold") == 0 && json_is_boolean(v)) {
             hold = json_is_true(v);
+            continue;
+        }
+        if (strcmp(k, "anthropic_done") == 0 && json_is_boolean(v)) {
+            done = json_is_true(v);
             continue;
         }
         size_t i = 0;
@@ -1791,6 +2207,9 @@ static int config_set(struct conn *c)
     }
     if (hold >= 0) {
         f->opt.hold = hold;
+    }
+    if (done >= 0) {
+        f->opt.anthropic_done = done;
     }
     /* the held requests: new limits from now on, and room maybe */
     for (struct conn *h = f->hold_head; h; h = h->hold_next) {
@@ -1978,7 +2397,9 @@ static void req_dispatch(struct conn *c)
     if (++f->st.inflight > f->st.max_inflight) {
         f->st.max_inflight = f->st.inflight;
     }
-    r->completion = r->ep == EP_CHAT || r->ep == EP_COMPL || r->ep == EP_EMBED;
+    r->completion = r->ep == EP_CHAT || r->ep == EP_COMPL || r->ep == EP_EMBED || r->ep == EP_ANTH;
+    r->anth = path_anth(r->path);
+    bool parsed = r->completion || r->ep == EP_ANTH_COUNT;     /* the body is read */
     if (r->completion) {
         f->cinflight++;
     }
@@ -2016,6 +2437,9 @@ static void req_dispatch(struct conn *c)
     } else {
         if (r->x_status) {
             r->status = (int)r->x_status;
+        } else if (r->completion && f->opt.fail_next > 0) {
+            f->opt.fail_next--;
+            r->status = (int)f->opt.fail_status;
         } else if (r->completion && f->opt.status) {
             r->status = f->opt.status;
         } else if (r->completion && f->opt.fail_rate > 0 && rng_unit(f) < f->opt.fail_rate) {
@@ -2026,7 +2450,7 @@ static void req_dispatch(struct conn *c)
         if (r->completion) {
             r->delay += f->opt.latency_ms;
         }
-        if (r->completion && status_normal(r->status) && model_prepare(c) < 0) {
+        if (parsed && status_normal(r->status) && model_prepare(c) < 0) {
             r->status = 400;
             r->bad_json = true;
         }
@@ -2061,6 +2485,7 @@ static int req_parse_head(struct conn *c, int *err)
     r->x_reset = -1;
     r->x_first = -1;
     r->x_hold_close = -1;
+    r->x_anth_done = -1;
     r->x_events = DEFAULT_EVENTS;
     *err = 400;
     if (!head_line(&p, end, &l) ||
@@ -2110,6 +2535,8 @@ static int req_parse_head(struct conn *c, int *err)
                 r->x_garbage = span_true(v);
             } else if (span_ieq(s, "redirect")) {
                 r->x_redirect = v;
+            } else if (span_ieq(s, "anthropic-done")) {
+                r->x_anth_done = span_true(v) ? 1 : 0;
             }
             continue;
         }
@@ -2384,6 +2811,7 @@ static void conn_free(struct conn *c)
     buf_free(&c->reasoning);
     buf_free(&c->prefix);
     buf_free(&c->errmsg);
+    buf_free(&c->tool_name);
     free(c->bounds);
     free(c);
 }
@@ -2699,7 +3127,8 @@ static void usage(FILE *out)
             "usage: fake_upstream [--port N] [--host 127.0.0.1] [--capacity N] [--fail-rate F]\n"
             "                     [--latency-ms N] [--seed N] [--name NAME] [--status N]\n"
             "                     [--retry-after S] [--hold] [--hold-keepalive-ms N]\n"
-            "                     [--hold-max-ms N] [--account-limit N] [--quiet]\n"
+            "                     [--hold-max-ms N] [--account-limit N] [--fail-next N]\n"
+            "                     [--fail-status N] [--anthropic-done] [--quiet]\n"
             "A fake DeepSeek API for tests; see tests/fake/README.md.\n");
 }
 
@@ -2713,7 +3142,8 @@ static bool header_safe(const char *s)
     return true;
 }
 
-enum { OPT_HOLD = 256, OPT_HOLD_KA, OPT_HOLD_MAX, OPT_ACCOUNT };
+enum { OPT_HOLD = 256, OPT_HOLD_KA, OPT_HOLD_MAX, OPT_ACCOUNT, OPT_FAIL_NEXT, OPT_FAIL_STATUS,
+       OPT_ANTH_DONE };
 
 static int opts_parse(int argc, char **argv, struct opts *o)
 {
@@ -2732,6 +3162,9 @@ static int opts_parse(int argc, char **argv, struct opts *o)
         { "hold-keepalive-ms", required_argument, NULL, OPT_HOLD_KA },
         { "hold-max-ms", required_argument, NULL, OPT_HOLD_MAX },
         { "account-limit", required_argument, NULL, OPT_ACCOUNT },
+        { "fail-next", required_argument, NULL, OPT_FAIL_NEXT },
+        { "fail-status", required_argument, NULL, OPT_FAIL_STATUS },
+        { "anthropic-done", no_argument, NULL, OPT_ANTH_DONE },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -2741,6 +3174,7 @@ static int opts_parse(int argc, char **argv, struct opts *o)
     o->seed = 1;
     o->hold_ka_ms = 1000;
     o->hold_max_ms = 600000;
+    o->fail_status = 503;
     while ((ch = getopt_long(argc, argv, "p:H:c:f:l:s:n:S:r:qh", longopts, NULL)) != -1) {
         char *end = NULL;
         errno = 0;
@@ -2814,6 +3248,21 @@ static int opts_parse(int argc, char **argv, struct opts *o)
         case OPT_HOLD:
             o->hold = true;
             break;
+        case OPT_ANTH_DONE:
+            o->anthropic_done = true;
+            break;
+        case OPT_FAIL_NEXT:
+        case OPT_FAIL_STATUS: {
+            long v = strtol(optarg, &end, 10);
+            long min = ch == OPT_FAIL_NEXT ? 0 : 200, max = ch == OPT_FAIL_NEXT ? LONG_MAX : 599;
+            if (*optarg == 0 || *end || errno || v < min || v > max) {
+                fprintf(stderr, "fake_upstream: --%s: bad value \"%s\"\n",
+                        ch == OPT_FAIL_NEXT ? "fail-next" : "fail-status", optarg);
+                return -1;
+            }
+            *(ch == OPT_FAIL_NEXT ? &o->fail_next : &o->fail_status) = v;
+            break;
+        }
         case OPT_HOLD_KA:
         case OPT_HOLD_MAX:
         case OPT_ACCOUNT: {
