@@ -563,11 +563,7 @@ compat_new(const struct conf *c)
     if (!m) {
         return NULL;
     }
-    compat_configure(m, c);
-    if (m->on && !m->mem) {
-        free(m);
-        return NULL;
-    }
+    compat_configure(m, c); /* out of memory for its LRU: off */
     return m;
 }
 
@@ -581,12 +577,15 @@ compat_configure(struct compat *m, const struct conf *c)
     if (!m->on) {
         cache_mem_free(m->mem);
         m->mem = NULL;
-    } else if (m->mem) {
+        return;
+    }
+    if (m->mem) {
         cache_mem_configure(m->mem, (size_t)c->compat.max_entries, (size_t)c->compat.max_bytes);
     } else {
         m->mem = cache_mem_new((size_t)c->compat.max_entries, (size_t)c->compat.max_bytes);
         m->on = m->mem != NULL;
     }
+    metrics_add("dsgate_compat_restored_total", NULL, 0); /* shown from the start */
 }
 
 void

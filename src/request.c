@@ -1272,7 +1272,7 @@ request_new(struct gateway *gw, struct http_req *hreq, enum prio prio)
  * share an entry, whatever is put back).
  */
 static void
-compat_prepare(struct request *r, const struct http_req *hreq)
+restore_prepare(struct request *r, const struct http_req *hreq)
 {
     char *cred;
 
@@ -1283,19 +1283,19 @@ compat_prepare(struct request *r, const struct http_req *hreq)
 }
 
 static void
-restored(struct request *r)
+restore_done(struct request *r)
 {
     compat_apply(r->compat, &r->body, &r->body_len, &r->model_off);
     route(r);
 }
 
 static void
-on_compat_found(void *arg)
+on_restore_found(void *arg)
 {
     struct request *r = arg;
 
     assert(r->state == REQ_LOOKUP);
-    restored(r);
+    restore_done(r);
 }
 
 /* On the way upstream: what is remembered goes back into the body (from Redis: LOOKUP). */
@@ -1304,10 +1304,10 @@ restore(struct request *r)
 {
     if (!r->compat) {
         route(r);
-    } else if (compat_fetch(r->compat, r->gw->store, on_compat_found, r)) {
+    } else if (compat_fetch(r->compat, r->gw->store, on_restore_found, r)) {
         set_state(r, REQ_LOOKUP);
     } else {
-        restored(r);
+        restore_done(r);
     }
 }
 
@@ -1358,7 +1358,7 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, bool ca
         r->model_off = bi->model_off;
         r->model_len = bi->model_len;
     }
-    compat_prepare(r, hreq);
+    restore_prepare(r, hreq);
     if (r->lookup) {
         struct cache_entry *e = cache_mem_get(gw->mem, r->key, cache_now_ms());
         if (e) {
