@@ -281,6 +281,37 @@ def t_redis_paused():
     check(restored_total(b) >= 1, "not restored once Redis came back")
 
 
+def t_redis_wait_client_leaves():
+    """The client leaves while its restore waits for a paused Redis: nothing is left behind."""
+    rs = R.Redis()
+    STARTED.append(rs)
+    f = H.start_fake(STARTED, "--quiet")
+    a = start(f, "leave-a", redis_url=rs.url)
+    b = start(f, "leave-b", redis_url=rs.url, redis_timeout="2s")
+    tid = H.test_id("cw")
+    assistant, _ = first_turn(a, tid)
+    H.wait_until(lambda: rs.cmd("KEYS", "dsgate-compat:rc:*"), 3.0)
+    body = next_turn(assistant)
+    rs.pause()
+    try:
+        c = H.Conn(b.port)
+        c.send(H.build_request("POST", CHAT, [("Content-Type", "application/json"),
+                                              ("Authorization", "Bearer sk-client-a"),
+                                              ("X-Test-Id", tid),
+                                              ("Cache-Control", "no-store")],  # compat's wait
+                                 body, port=b.port))
+        time.sleep(0.2)
+        c.close()
+        acc = H.wait_access(b, 1)
+        check(acc[0]["end"] == "client_closed_waiting", "access %r", acc[0])
+    finally:
+        rs.resume()
+    time.sleep(0.2)
+    check(len(H.log_for(f, tid)) == 1, "the request went upstream after its client left")
+    r = post(b, body, tid)
+    check(r.status == 200, "after Redis came back: %s", r.status)
+
+
 def t_reload_on():
     f = H.start_fake(STARTED, "--quiet")
     d = start(f, "reload", restore=False)
@@ -306,6 +337,7 @@ TESTS = [
     ("alias_and_restore", t_alias),
     ("redis_shared_by_two_instances", t_redis_shared),
     ("redis_paused_goes_as_sent", t_redis_paused),
+    ("redis_wait_client_leaves", t_redis_wait_client_leaves),
     ("sighup_turns_it_on", t_reload_on),
 ]
 
