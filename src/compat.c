@@ -512,6 +512,9 @@ compat_capture_feed(struct compat_capture *c, const char *p, size_t len)
             }
             capture_line(c, c->buf, c->len);
             c->len = 0;
+        } else if (n > 4 * c->max) {
+            c->failed = true; /* as when the line had come in pieces */
+            return;
         } else {
             capture_line(c, p, n);
         }
