@@ -233,17 +233,24 @@ def t_alias():
         check_restored(sent, want, reasoning)
 
 
-def t_redis_shared():
+def two_instances(tag, b_timeout="50ms"):
+    """A Redis, the fake, instances A and B sharing that Redis, and a tool-call
+    turn made through A: (redis, fake, a, b, test id, key, assistant, reasoning)."""
     rs = R.Redis()
     STARTED.append(rs)
     f = H.start_fake(STARTED, "--quiet")
-    a = start(f, "redis-a", redis_url=rs.url)
-    b = start(f, "redis-b", redis_url=rs.url)
-    tid = H.test_id("cr")
+    a = start(f, tag + "-a", redis_url=rs.url)
+    b = start(f, tag + "-b", redis_url=rs.url, redis_timeout=b_timeout)
+    tid = H.test_id(tag)
     assistant, reasoning = first_turn(a, tid)
     key = H.wait_until(lambda: rs.cmd("KEYS", "dsgate-compat:rc:*"), 3.0)
     check(key and len(key) == 1, "Redis keys %r", key)
-    ttl = rs.cmd("PTTL", key[0])
+    return rs, f, a, b, tid, key[0], assistant, reasoning
+
+
+def t_redis_shared():
+    rs, f, a, b, tid, key, assistant, reasoning = two_instances("shared")
+    ttl = rs.cmd("PTTL", key)
     check(23 * 3600 * 1000 < ttl <= 24 * 3600 * 1000, "PTTL %r (cache.ttl 24h)", ttl)
     body = next_turn(assistant)
     r = post(b, body, tid)
@@ -257,14 +264,7 @@ def t_redis_shared():
 
 
 def t_redis_paused():
-    rs = R.Redis()
-    STARTED.append(rs)
-    f = H.start_fake(STARTED, "--quiet")
-    a = start(f, "paused-a", redis_url=rs.url)
-    b = start(f, "paused-b", redis_url=rs.url, redis_timeout="200ms")
-    tid = H.test_id("cp")
-    assistant, _ = first_turn(a, tid)
-    H.wait_until(lambda: rs.cmd("KEYS", "dsgate-compat:rc:*"), 3.0)
+    rs, f, a, b, tid, _, assistant, _ = two_instances("paused", b_timeout="200ms")
     body = next_turn(assistant)
     rs.pause()
     try:
@@ -283,14 +283,7 @@ def t_redis_paused():
 
 def t_redis_wait_client_leaves():
     """The client leaves while its restore waits for a paused Redis: nothing is left behind."""
-    rs = R.Redis()
-    STARTED.append(rs)
-    f = H.start_fake(STARTED, "--quiet")
-    a = start(f, "leave-a", redis_url=rs.url)
-    b = start(f, "leave-b", redis_url=rs.url, redis_timeout="2s")
-    tid = H.test_id("cw")
-    assistant, _ = first_turn(a, tid)
-    H.wait_until(lambda: rs.cmd("KEYS", "dsgate-compat:rc:*"), 3.0)
+    rs, f, a, b, tid, _, assistant, _ = two_instances("leave", b_timeout="2s")
     body = next_turn(assistant)
     rs.pause()
     try:
