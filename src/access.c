@@ -79,13 +79,13 @@ access_log(const struct access_rec *a, int64_t now)
         "\"upstream\":\"%s\",\"attempts\":%d,\"queue_ms\":%lld,"
         "\"upstream_ms\":%lld,\"first_data_ms\":%lld,\"total_ms\":%lld,"
         "\"bytes_in\":%zu,\"bytes_out\":%llu,\"tokens_prompt\":%lld,"
-        "\"tokens_completion\":%lld,\"tokens_cache_hit\":%lld,\"end\":\"%s\"}",
+        "\"tokens_completion\":%lld,\"tokens_cache_hit\":%lld,\"reasoning_restored\":%d,"
+        "\"end\":\"%s\"}",
         a->status, conf_priority_name(a->prio), cache_status_name(a->cache), a->upstream,
         a->attempts, (long long)a->queue_ms, (long long)a->upstream_ms,
         (long long)a->first_data_ms, (long long)((now - a->t_start_us) / 1000), a->bytes_in,
         (unsigned long long)a->bytes_out, (long long)t[TOK_PROMPT], (long long)t[TOK_COMPLETION],
-        (long long)t[TOK_CACHE_HIT],
-        end_label(a));
+        (long long)t[TOK_CACHE_HIT], a->reasoning_restored, end_label(a));
     size_t len = evbuffer_get_length(b);
     log_access((const char *)evbuffer_pullup(b, -1), len);
     evbuffer_free(b);

@@ -76,6 +76,7 @@ struct access_rec {
     size_t bytes_in;
     uint64_t bytes_out;
     const int64_t *tokens; /* by enum token_kind (dialect.h); -1 unknown; NULL: none */
+    int reasoning_restored; /* assistant messages that got their reasoning back (compat.c) */
     enum req_end end;
     const char *code; /* END_REFUSED: the error code, as the end label */
 };

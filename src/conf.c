@@ -106,6 +106,7 @@ static const char *const conf_jitter_names[] = {"full", "equal", "decorrelated",
 static const char *const conf_routing_names[] = {"failover", "weighted", NULL};
 static const char *const conf_level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const conf_format_names[] = {"json", "text", NULL};
+static const char *const conf_compat_reasoning_names[] = {"off", "restore", NULL};
 
 /* ---- the table: every key of design.md, with its bounds and default ---- */
 
@@ -205,6 +206,20 @@ static const struct conf_key conf_cache_keys[] = {
     {.name = NULL},
 };
 
+static const struct conf_key conf_compat_memory_keys[] = {
+    {KEY("max_entries", CT_I64, C(compat.max_entries), 1, 10000000, "4096")},
+    {KEY("max_bytes", CT_SIZE, C(compat.max_bytes), KB, 64 * GB, "32MB")},
+    {.name = NULL},
+};
+
+static const struct conf_key conf_compat_keys[] = {
+    {KEY("reasoning_content", CT_ENUM, C(compat.reasoning_content), 0, 0, "off"),
+     .names = conf_compat_reasoning_names},
+    {KEY("memory", CT_MAP, 0, 0, 0, NULL), .sub = conf_compat_memory_keys},
+    {KEY("max_reasoning", CT_SIZE, C(compat.max_reasoning), KB, GB, "1MB")},
+    {.name = NULL},
+};
+
 static const struct conf_key conf_fleet_keys[] = {
     {KEY("redis", CT_STR, C(fleet.redis), 0, 0, ""), .flags = CK_NORELOAD | CK_SECRET,
      .check = conf_check_redis},
@@ -249,6 +264,7 @@ static const struct conf_key conf_keys[] = {
     {KEY("queue", CT_MAP, 0, 0, 0, NULL), .sub = conf_queue_keys},
     {KEY("retry", CT_MAP, 0, 0, 0, NULL), .sub = conf_retry_keys},
     {KEY("cache", CT_MAP, 0, 0, 0, NULL), .sub = conf_cache_keys},
+    {KEY("compat", CT_MAP, 0, 0, 0, NULL), .sub = conf_compat_keys},
     {KEY("fleet", CT_MAP, 0, 0, 0, NULL), .sub = conf_fleet_keys},
     {KEY("clients", CT_LIST, C(clients), 0, 10000, NULL), .noff = C(nclients),
      .size = sizeof(struct conf_client), .sub = conf_client_keys, .item = conf_check_client},

@@ -24,6 +24,8 @@ enum log_level { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
 
 enum log_format { LOG_FORMAT_JSON, LOG_FORMAT_TEXT };
 
+enum compat_reasoning { COMPAT_REASONING_OFF, COMPAT_REASONING_RESTORE };
+
 struct conf_model {
     char *from; /* name the client uses */
     char *to;   /* name sent to this upstream */
@@ -104,6 +106,13 @@ struct conf {
         char **paths;
         size_t npaths;
     } cache;
+
+    struct {
+        enum compat_reasoning reasoning_content; /* restore: see compat.h */
+        int64_t max_entries;   /* memory.max_entries: remembered tool call ids */
+        int64_t max_bytes;     /* memory.max_bytes */
+        int64_t max_reasoning; /* a longer reasoning is not remembered */
+    } compat;
 
     struct {
         char *redis; /* "" : fleet mode off */

@@ -16,6 +16,7 @@
 #include <event2/event.h>
 
 #include "cache.h"
+#include "compat.h"
 #include "dispatch.h"
 #include "fleet.h"
 #include "gateway.h"
@@ -275,6 +276,12 @@ gateway_apply(struct gateway *gw, struct conf *c)
                               c->cache.redis_timeout_ms);
     }
 
+    if (gw->compat) {
+        compat_configure(gw->compat, c);
+    } else {
+        gw->compat = compat_new(c); /* NULL out of memory: nothing restored */
+    }
+
     if (gw->srv) {
         struct http_limits lim;
         gateway_limits(c, &lim);
@@ -326,6 +333,8 @@ gateway_free(struct gateway *gw)
     gw->nclients = 0;
     cache_mem_free(gw->mem);
     gw->mem = NULL;
+    compat_free(gw->compat);
+    gw->compat = NULL;
     free(gw->cache_group);
     gw->cache_group = NULL;
     conf_ref_unref(gw->cref);

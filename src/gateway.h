@@ -23,6 +23,7 @@
 #include "sched.h"
 
 struct cache_mem;
+struct compat;
 struct event_base;
 struct fleet;
 struct fleet_up;
@@ -94,6 +95,7 @@ struct gateway {
     struct sched_set queue;  /* requests waiting for an upstream slot */
     struct cache_mem *mem;   /* memory tier of the cache */
     struct store *store;     /* Redis tier, or NULL */
+    struct compat *compat;   /* remembered reasoning (compat.reasoning_content) */
     struct fleet *fleet;     /* fleet mode, or NULL */
     char *cache_group;       /* upstream names, part of every cache key */
     struct flight_table *flights; /* cacheable requests in flight, by key */

@@ -148,3 +148,12 @@ lookup_wants_stream(const void *doc, const char *body, size_t len)
     }
     return false;
 }
+
+int
+lookup_scope(const struct gateway *gw, const struct http_req *hreq, char **credential)
+{
+    bool failed;
+
+    *credential = cache_credential(gw, hreq, &failed);
+    return failed ? -1 : 0;
+}

@@ -38,5 +38,11 @@ bool lookup_wants_stream(const void *doc, const char *body, size_t len);
  */
 void lookup_prepare(struct request *r, const struct http_req *hreq, const void *doc,
                     const uint8_t *known_key, const uint8_t *raw_key);
+/*
+ * The credential that scopes HREQ's cache entries, for what else is kept
+ * per client (compat.c): malloc'd, or NULL with cache.shared.  -1 when out
+ * of memory.
+ */
+int lookup_scope(const struct gateway *gw, const struct http_req *hreq, char **credential);
 
 #endif

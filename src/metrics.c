@@ -281,6 +281,9 @@ metrics_init(void)
                      "Cache tier errors (Redis down, slow, full or garbled), by tier.");
     metrics_register("dsgate_redis_errors_total", METRIC_COUNTER,
                      "Redis connection errors, by link (cache, fleet) and kind.");
+    metrics_register("dsgate_compat_restored_total", METRIC_COUNTER,
+                     "Requests sent upstream with remembered reasoning_content put back into their "
+                     "assistant messages (one per request, however many messages).");
     metrics_register("dsgate_coalesced_total", METRIC_COUNTER,
                      "Requests answered by an identical request in flight.");
     metrics_register("dsgate_circuit_open", METRIC_GAUGE,

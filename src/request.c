@@ -6,6 +6,9 @@
  *       NEW ──> LOOKUP (Redis) ── hit ──────────────────────────────────┤
  *        │        │ miss                                                │
  *        v        v                                                     │
+ *      restore ── remembered reasoning put back (compat.c; memory, or   │
+ *        │        Redis in LOOKUP again)                                │
+ *        v                                                              │
  *      route ── no upstream for dialect/model: 404; shut by auth: replay┤
  *        │   ── identical request in flight ──> FOLLOWING ── replayed ──┤
  *        │                                        │ the leader failed    │
@@ -46,6 +49,7 @@
 #include <event2/event.h>
 
 #include "cache.h"
+#include "compat.h"
 #include "dispatch.h"
 #include "fleet.h"
 #include "flight.h"
@@ -441,6 +445,9 @@ cur_data(struct request *r, const char *p, size_t len)
         dispatch_held(r); /* keep-alive comments before data: the upstream queues it */
     } else if (r->sse && r->state == REQ_STREAMING && (mid_event || r->scan.mid_event)) {
         set_state(r, REQ_STREAMING); /* an event's bytes are flowing: not idle */
+    }
+    if (r->compat) {
+        compat_answer_feed(r->compat, r->sse, p, len);
     }
     if (r->flight) {
         flight_append(r, p, len);
@@ -1089,7 +1096,8 @@ access_record(const struct request *r)
         .upstream_ms = r->t_up_start_us ? (http_now_us() - r->t_up_start_us) / 1000 : 0,
         .first_data_ms = r->t_first_data_us ? (r->t_first_data_us - r->t_start_us) / 1000 : -1,
         .t_start_us = r->t_start_us,
-        .bytes_in = r->body_len,
+        .bytes_in = r->bytes_in,
+        .reasoning_restored = compat_restored(r->compat),
         .bytes_out = r->bytes_out,
         .tokens = r->att->tokens,
         .end = r->end,
@@ -1126,6 +1134,7 @@ request_unref(struct request *r)
         event_free(r->hedge_kill);
     }
     client_headers_free(&r->ch);
+    compat_req_free(r->compat);
     free(r->body);
     free(r->path);
     free(r->target);
@@ -1172,6 +1181,12 @@ request_end(struct request *r)
     }
     hedge_stop(r);
     flight_leave(r, r->status == 200 && r->end == END_COMPLETED);
+    if (r->compat) {
+        compat_cancel(r->compat);
+        if (r->status == 200 && r->end == END_COMPLETED) {
+            compat_answer_done(r->compat, gw->store);
+        }
+    }
     if (attempt_running(r->att)) {
         attempt_cancel(r->att);
         dispatch_circuit(r, ROUTE_NEUTRAL, ""); /* a probe nobody waits for says nothing */
@@ -1270,6 +1285,54 @@ request_new(struct gateway *gw, struct http_req *hreq, enum prio prio)
     return r;
 }
 
+/* ---- remembered reasoning (compat.reasoning_content) ------------------------------ */
+
+/*
+ * What the request may get back and whether its answer is read: on an
+ * OpenAI chat path, within the client's cache scope.  The cache key was
+ * made from the client's bytes before this (identical client requests
+ * share an entry, whatever is put back).
+ */
+static void
+restore_prepare(struct request *r, const struct http_req *hreq)
+{
+    char *cred;
+
+    if (compat_wanted(r->gw->compat, r->path) && lookup_scope(r->gw, hreq, &cred) == 0) {
+        r->compat = compat_req_new(r->gw->compat, cred, r->body, r->body_len);
+        free(cred);
+    }
+}
+
+static void
+restore_done(struct request *r)
+{
+    compat_apply(r->compat, &r->body, &r->body_len, &r->model_off);
+    route(r);
+}
+
+static void
+on_restore_found(void *arg)
+{
+    struct request *r = arg;
+
+    assert(r->state == REQ_LOOKUP);
+    restore_done(r);
+}
+
+/* On the way upstream: what is remembered goes back into the body (from Redis: LOOKUP). */
+static void
+restore(struct request *r)
+{
+    if (!r->compat) {
+        route(r);
+    } else if (compat_fetch(r->compat, r->gw->store, on_restore_found, r)) {
+        set_state(r, REQ_LOOKUP);
+    } else {
+        restore_done(r);
+    }
+}
+
 static void
 on_store_reply(void *arg, struct cache_entry *e)
 {
@@ -1286,7 +1349,7 @@ on_store_reply(void *arg, struct cache_entry *e)
         return;
     }
     metrics_add("dsgate_cache_misses_total", NULL, 1);
-    route(r);
+    restore(r);
 }
 
 void
@@ -1310,12 +1373,14 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, bool ca
     }
     r->want_sse = cache_path && lookup_wants_stream(bi->doc, hreq->body, hreq->body_len);
     r->body = http_req_take_body(hreq, &r->body_len);
+    r->bytes_in = r->body_len;
     keepalive_arm(r);
     if (bi->model) {
         r->model = strdup(bi->model); /* no routing by model if this fails */
         r->model_off = bi->model_off;
         r->model_len = bi->model_len;
     }
+    restore_prepare(r, hreq);
     if (r->lookup) {
         struct cache_entry *e = cache_mem_get(gw->mem, r->key, cache_now_ms());
         if (e) {
@@ -1330,7 +1395,7 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, bool ca
         }
         metrics_add("dsgate_cache_misses_total", NULL, 1);
     }
-    route(r);
+    restore(r);
 }
 
 int

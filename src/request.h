@@ -23,6 +23,7 @@
 #include "sse.h"
 
 struct cache_entry;
+struct compat_req;
 struct evbuffer;
 struct event;
 struct fleet_wait;
@@ -37,7 +38,7 @@ struct store_get;
  */
 enum req_state {
     REQ_NEW,       /* gw->live only; no deadline */
-    REQ_LOOKUP,    /* waiting for the Redis tier (sget); the store's own timeout */
+    REQ_LOOKUP,    /* waiting for the Redis tier (sget, or compat's); the store's own timeout */
     REQ_FLEET,     /* fleet claim or wait (fwait); fleet.lease_ttl, the fleet's timer */
     REQ_FOLLOWING, /* flight->followers, replaying the leader; none (the leader's) */
     REQ_PENDING,   /* gw->pending: let go by a failed flight, dispatched by the loop; none */
@@ -71,8 +72,10 @@ struct request {
     enum prio prio;
     char *body;
     size_t body_len;
+    size_t bytes_in; /* the body as the client sent it (BODY may get reasoning back) */
     char *model; /* the client's "model", or NULL */
     size_t model_off, model_len; /* its JSON string in BODY, for a rename */
+    struct compat_req *compat;   /* compat.c: reasoning to put back, the answer to learn from */
     struct client_headers ch; /* what of the client's headers goes upstream */
 
     /* the reply */

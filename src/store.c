@@ -103,12 +103,13 @@ store_free(struct store *s)
 /* ---- lookups and writes ----------------------------------------------- */
 
 static size_t
-make_key(const struct store *s, const uint8_t key[CACHE_KEY_LEN], char *out, size_t outlen)
+make_key(const struct store *s, const char *ns, const uint8_t key[CACHE_KEY_LEN], char *out,
+         size_t outlen)
 {
     char hex[2 * CACHE_KEY_LEN + 1];
 
     cache_key_hex(key, hex);
-    return (size_t)snprintf(out, outlen, "%s%s", s->prefix, hex);
+    return (size_t)snprintf(out, outlen, "%s%s%s", s->prefix, ns, hex);
 }
 
 static void
@@ -167,7 +168,8 @@ on_get_reply(redisAsyncContext *ac, void *r, void *priv)
 }
 
 struct store_get *
-store_get(struct store *s, const uint8_t key[CACHE_KEY_LEN], store_get_fn fn, void *arg)
+store_get_ns(struct store *s, const char *ns, const uint8_t key[CACHE_KEY_LEN], store_get_fn fn,
+             void *arg)
 {
     char k[256];
 
@@ -184,7 +186,7 @@ store_get(struct store *s, const uint8_t key[CACHE_KEY_LEN], store_get_fn fn, vo
     g->arg = arg;
     memcpy(g->key, key, CACHE_KEY_LEN);
     g->timer = evtimer_new(s->base, get_timeout_cb, g);
-    size_t kl = make_key(s, key, k, sizeof(k));
+    size_t kl = make_key(s, ns, key, k, sizeof(k));
     const char *argv[2] = {"GET", k};
     size_t argvlen[2] = {3, kl};
     if (!g->timer || redisAsyncCommandArgv(ac, on_get_reply, g, 2, argv, argvlen) != REDIS_OK) {
@@ -200,6 +202,12 @@ store_get(struct store *s, const uint8_t key[CACHE_KEY_LEN], store_get_fn fn, vo
     return g;
 }
 
+struct store_get *
+store_get(struct store *s, const uint8_t key[CACHE_KEY_LEN], store_get_fn fn, void *arg)
+{
+    return store_get_ns(s, "", key, fn, arg);
+}
+
 void
 store_get_cancel(struct store_get *g)
 {
@@ -213,6 +221,7 @@ struct put_ctx {
     struct store *s;
     void (*fn)(void *arg, bool ok);
     void *arg;
+    bool answer; /* a cache answer: counted as a store */
 };
 
 static void
@@ -226,7 +235,7 @@ on_put_reply(redisAsyncContext *ac, void *r, void *priv)
     pc->s->pending--;
     if (!ok) {
         count_error(reply ? "write" : "disconnect");
-    } else {
+    } else if (pc->answer) {
         metrics_addf("dsgate_cache_stores_total", 1, "tier=\"redis\"");
     }
     if (pc->fn) {
@@ -235,9 +244,9 @@ on_put_reply(redisAsyncContext *ac, void *r, void *priv)
     free(pc);
 }
 
-void
-store_put_then(struct store *s, const struct cache_entry *e, int64_t ttl_ms,
-               void (*fn)(void *arg, bool ok), void *arg)
+static void
+put_ns(struct store *s, const char *ns, const struct cache_entry *e, int64_t ttl_ms,
+       void (*fn)(void *arg, bool ok), void *arg)
 {
     char k[256], ttl[24];
     size_t len;
@@ -256,7 +265,8 @@ store_put_then(struct store *s, const struct cache_entry *e, int64_t ttl_ms,
     pc->s = s;
     pc->fn = fn;
     pc->arg = arg;
-    size_t kl = make_key(s, e->key, k, sizeof(k));
+    pc->answer = ns[0] == '\0';
+    size_t kl = make_key(s, ns, e->key, k, sizeof(k));
     int tl = snprintf(ttl, sizeof(ttl), "%lld", (long long)ttl_ms);
     const char *argv[5] = {"SET", k, val, "PX", ttl};
     size_t argvlen[5] = {3, kl, len, 2, (size_t)tl};
@@ -272,7 +282,20 @@ store_put_then(struct store *s, const struct cache_entry *e, int64_t ttl_ms,
 }
 
 void
+store_put_then(struct store *s, const struct cache_entry *e, int64_t ttl_ms,
+               void (*fn)(void *arg, bool ok), void *arg)
+{
+    put_ns(s, "", e, ttl_ms, fn, arg);
+}
+
+void
 store_put(struct store *s, const struct cache_entry *e, int64_t ttl_ms)
 {
-    store_put_then(s, e, ttl_ms, NULL, NULL);
+    put_ns(s, "", e, ttl_ms, NULL, NULL);
+}
+
+void
+store_put_ns(struct store *s, const char *ns, const struct cache_entry *e, int64_t ttl_ms)
+{
+    put_ns(s, ns, e, ttl_ms, NULL, NULL);
 }

@@ -39,6 +39,14 @@ void store_get_cancel(struct store_get *g);
 
 /* Write E with a TTL of TTL_MS (best effort). */
 void store_put(struct store *s, const struct cache_entry *e, int64_t ttl_ms);
+/*
+ * The same for records other than answers, kept in the namespace NS (Redis
+ * keys PREFIX NS HEX) in the same encoding: compat.c's remembered reasoning.
+ * Their writes are not counted as cache stores.
+ */
+struct store_get *store_get_ns(struct store *s, const char *ns, const uint8_t key[CACHE_KEY_LEN],
+                               store_get_fn fn, void *arg);
+void store_put_ns(struct store *s, const char *ns, const struct cache_entry *e, int64_t ttl_ms);
 /* The same; FN(ARG, OK) runs once when Redis has answered (or at once if not sent). */
 void store_put_then(struct store *s, const struct cache_entry *e, int64_t ttl_ms,
                     void (*fn)(void *arg, bool ok), void *arg);

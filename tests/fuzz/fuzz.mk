@@ -23,7 +23,7 @@ fuzz_saved_goal := $(.DEFAULT_GOAL)
 
 FUZZ_CC       ?= clang
 FUZZ_SECONDS  ?= 60
-FUZZ_TARGETS  ?= conf cache_key sse retry_after entry http rewrite jscan uphead
+FUZZ_TARGETS  ?= conf cache_key sse retry_after entry http rewrite jscan uphead compat
 FUZZ_DIR      := tests/fuzz
 FUZZ_BUILD    ?= build/fuzz
 FUZZ_PKGS     := libevent jansson yaml-0.1 openssl
@@ -45,6 +45,7 @@ FUZZ_MODS_http        := http log
 FUZZ_MODS_rewrite     := route
 FUZZ_MODS_jscan       := jscan
 FUZZ_MODS_uphead      := uphead
+FUZZ_MODS_compat      := compat jscan cache metrics
 FUZZ_LEN_conf         := 8192
 FUZZ_LEN_cache_key    := 8192
 FUZZ_LEN_sse          := 4096
@@ -54,6 +55,7 @@ FUZZ_LEN_http         := 20000
 FUZZ_LEN_rewrite      := 4096
 FUZZ_LEN_jscan        := 8192
 FUZZ_LEN_uphead       := 8192
+FUZZ_LEN_compat       := 8192
 # Dictionaries (tests/fuzz/dict/<name>.dict), where one helps.
 FUZZ_DICT_conf        := conf
 FUZZ_DICT_cache_key   := json
@@ -63,6 +65,7 @@ FUZZ_DICT_http        := http
 FUZZ_DICT_rewrite     := json
 FUZZ_DICT_jscan       := json
 FUZZ_DICT_uphead      := uphead
+FUZZ_DICT_compat      := json
 
 FUZZ_BINS := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/fuzz_%)
 
@@ -111,6 +114,7 @@ fuzz: fuzz-build
 	        rewrite) len=$(FUZZ_LEN_rewrite); dict=$(FUZZ_DICT_rewrite) ;; \
 	        jscan) len=$(FUZZ_LEN_jscan); dict=$(FUZZ_DICT_jscan) ;; \
         uphead) len=$(FUZZ_LEN_uphead); dict=$(FUZZ_DICT_uphead) ;; \
+	        compat) len=$(FUZZ_LEN_compat); dict=$(FUZZ_DICT_compat) ;; \
 	        *) len=4096; dict= ;; \
 	    esac; \
 	    dopt=; [ -n "$$dict" ] && [ -f $(FUZZ_DIR)/dict/$$dict.dict ] && dopt=-dict=$(FUZZ_DIR)/dict/$$dict.dict; \

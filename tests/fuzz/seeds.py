@@ -277,6 +277,29 @@ put("uphead", "space-colon", b"X-A : foo\r\nX(A): b\r\n: empty\r\nno colon\r\n\r
 put("uphead", "ctl-obs-text", b"X-A: \x01\x7f\r\nX-B: caf\xc3\xa9 \t \r\nX-C:\r\n\r\n")
 put("uphead", "no-line-end", b"X-A: foo")
 
+# ---------------------------------------------------------------- compat (byte 0: a cut point)
+TOOLS = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": "{}"}}
+put("compat", "turn-lacking.json", b"\x07" + json.dumps(
+    {"model": "deepseek-reasoner", "tools": TOOLS, "messages": [
+        {"role": "user", "content": "use tool"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "x"}]}).encode())
+put("compat", "turns-pretty-null.json", b"\x20" + json.dumps(
+    {"messages": [
+        {"role": "assistant", "reasoning_content": None, "tool_calls": [CALL]},
+        {"role": "assistant", "tool_calls": [dict(CALL, id="call_\u00e9\"2")]},
+        {"role": "assistant", "reasoning_content": "kept", "tool_calls": [CALL]}],
+     "model": "pro"}, indent=2).encode())
+put("compat", "answer-stream.sse", b"\x33" + (
+    'data: {"choices":[{"index":0,"delta":{"reasoning_content":"Let me \\"check\\""}}]}\n\n'
+    'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_a"}]}}]}\r\n\r\n'
+    ': keep-alive\n\ndata: [DONE]\n\n').encode())
+put("compat", "answer-whole.json", b"\x11" + json.dumps(
+    {"choices": [{"index": 0, "message": {"role": "assistant", "content": "",
+                                          "reasoning_content": "hm \u00e9",
+                                          "tool_calls": [CALL]}}]}).encode())
+
 # ---------------------------------------------------------------- dictionaries
 DICTS = {
     "http": ["GET", "POST", "HEAD", "CONNECT", "OPTIONS", " HTTP/1.1\r\n", " HTTP/1.0\r\n",
@@ -301,7 +324,8 @@ DICTS = {
     "json": ["{", "}", "[", "]", ":", ",", "\"", "\\u0000", "\\ud83d\\ude00", "\\u00e9",
              "true", "false", "null", "-0", "1e308", "-1e-308", "9223372036854775807",
              "\"model\"", "\"model\":", "\"messages\"", "\"content\"", "\"stream\"",
-             "DeepSeek-R1", "deepseek-v4-pro"],
+             "DeepSeek-R1", "deepseek-v4-pro", "\"tool_calls\"", "\"reasoning_content\"",
+             "\"assistant\"", "\"role\"", "\"id\"", "\"choices\"", "\"delta\"", "data: "],
     "sse": ["data: ", "data:", "event: ", "id: ", ": keep-alive", "\n\n", "\r\n", "\r",
             "[DONE]", ":"],
     "uphead": ["Content-Length: ", "Transfer-Encoding: ", "chunked", "identity",

@@ -106,6 +106,11 @@ static void expect_design_values(const struct conf *c)
         assert_string_equal(c->cache.paths[i], paths[i]);
     }
 
+    assert_int_equal(c->compat.reasoning_content, COMPAT_REASONING_OFF);
+    assert_int_equal(c->compat.max_entries, 4096);
+    assert_int_equal(c->compat.max_bytes, 32 * 1024 * 1024);
+    assert_int_equal(c->compat.max_reasoning, 1024 * 1024);
+
     assert_string_equal(c->fleet.redis, "");
     assert_int_equal(c->fleet.lease_ttl_ms, 30000);
     assert_int_equal(c->fleet.fallback_instances, 4);
@@ -478,6 +483,12 @@ static const struct {
     {"retry: {budget: -1}\n", "t.yaml:1:9: retry.budget: must be a number such as 0.5 (got \"-1\")"},
     {"retry: {budget: 1e3}\n", "t.yaml:1:9: retry.budget: must be a number such as 0.5 (got \"1e3\")"},
     {"retry: {budget: .}\n", "t.yaml:1:9: retry.budget: must be a number such as 0.5 (got \".\")"},
+    {"compat: {reasoning_content: keep}\n",
+     "t.yaml:1:10: compat.reasoning_content: must be one of off, restore (got \"keep\")"},
+    {"compat: {memory: {max_entries: 0}}\n",
+     "t.yaml:1:19: compat.memory.max_entries: must be between 1 and 10000000 (got \"0\")"},
+    {"compat: {max_reasoning: 10}\n",
+     "t.yaml:1:10: compat.max_reasoning: must be between 1KB and 1GB (got \"10\")"},
     {"retry: {jitter: some}\n",
      "t.yaml:1:9: retry.jitter: must be one of full, equal, decorrelated, none (got \"some\")"},
     {"retry:\n  on: [429, 600]\n",
@@ -666,6 +677,8 @@ static void test_valid(void **state)
         "retry: {on: [], budget: 0, base: 5ms, cap: 5ms, jitter: Decorrelated}\n"
         "cache: {paths: [], redis: {url: \"redis://:pw@127.0.0.1:6379/2\", prefix: \"\"}}\n"
         "fleet: {redis: \"unix:///run/redis.sock\"}\n"
+        "compat: {reasoning_content: Restore, memory: {max_entries: 10, max_bytes: 1MB},"
+        " max_reasoning: 64KB}\n"
         "clients:\n"
         "  - {token_env: APP1_TOKEN, priority: high}\n"
         "  - {token_env: _app2}\n"
@@ -710,6 +723,10 @@ static void test_valid(void **state)
     assert_string_equal(c->cache.redis_url, "redis://:pw@127.0.0.1:6379/2");
     assert_string_equal(c->cache.redis_prefix, "");
     assert_string_equal(c->fleet.redis, "unix:///run/redis.sock");
+    assert_int_equal(c->compat.reasoning_content, COMPAT_REASONING_RESTORE);
+    assert_int_equal(c->compat.max_entries, 10);
+    assert_int_equal(c->compat.max_bytes, 1024 * 1024);
+    assert_int_equal(c->compat.max_reasoning, 64 * 1024);
     assert_int_equal(c->nclients, 2);
     assert_int_equal(c->clients[0].priority, PRIO_HIGH);
     assert_string_equal(c->clients[1].token_env, "_app2");
