@@ -15,6 +15,7 @@
 // `RESULT passed=N failed=N` (tests/clients/run.py adds it up).
 
 import Anthropic from '@anthropic-ai/sdk';
+import { check, test, finish } from './runner.mjs';
 
 const base = process.env.DSGATE_ANTHROPIC_URL;
 const queueBase = process.env.DSGATE_ANTHROPIC_QUEUE_URL;
@@ -30,34 +31,6 @@ function sdk(baseURL, opts) {
 const client = base ? sdk(base) : null;
 const queueClient = queueBase ? sdk(queueBase) : null;
 
-let passed = 0;
-let failed = 0;
-
-function check(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
-
-async function test(name, fn) {
-  const t0 = Date.now();
-  const limit = 30000;
-  let timer;
-  try {
-    await Promise.race([
-      fn(),
-      new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`timed out after ${limit} ms`)), limit);
-      }),
-    ]);
-    passed++;
-    console.log(`PASS ${name}` + (Date.now() - t0 >= 1000 ? ` (${((Date.now() - t0) / 1000).toFixed(2)}s)` : ''));
-  } catch (e) {
-    failed++;
-    const w = (e && (e.stack || e.message)) || String(e);
-    console.log(`FAIL ${name}: ${String(w).split('\n').slice(0, 3).join(' | ')}`);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 function testId(p = 'node-anth') {
   return `${p}-${Date.now()}-${Math.random().toString(16).slice(2)}`;
@@ -322,5 +295,4 @@ await test('dsgate_still_healthy', async () => {
   check(r.status === 200, `healthz ${r.status}`);
 });
 
-console.log(`RESULT passed=${passed} failed=${failed}`);
-process.exit(failed ? 1 : 0);
+finish();

@@ -10,6 +10,7 @@
 // `RESULT passed=N failed=N`.
 
 import OpenAI from 'openai';
+import { check, test, finish } from './runner.mjs';
 
 const base = process.env.DSGATE_URL;
 const fakeUrl = process.env.FAKE_URL;
@@ -26,34 +27,6 @@ const client = new OpenAI({
   timeout: 20000,
 });
 
-let passed = 0;
-let failed = 0;
-
-function check(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
-
-async function test(name, fn) {
-  const t0 = Date.now();
-  const limit = 30000;
-  let timer;
-  try {
-    await Promise.race([
-      fn(),
-      new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`timed out after ${limit} ms`)), limit);
-      }),
-    ]);
-    passed++;
-    console.log(`PASS ${name}` + (Date.now() - t0 >= 1000 ? ` (${((Date.now() - t0) / 1000).toFixed(2)}s)` : ''));
-  } catch (e) {
-    failed++;
-    const why = (e && (e.stack || e.message)) || String(e);
-    console.log(`FAIL ${name}: ${String(why).split('\n').slice(0, 3).join(' | ')}`);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 function testId() {
   return `node-cache-${Date.now()}-${Math.random().toString(16).slice(2)}`;
@@ -147,5 +120,4 @@ await test('no_store_bypass_through_sdk', async () => {
   check(a.data.id !== b.data.id, 'no-store answers share an id');
 });
 
-console.log(`RESULT passed=${passed} failed=${failed}`);
-process.exit(failed ? 1 : 0);
+finish();

@@ -20,40 +20,13 @@ import { ChatOpenAI } from '@langchain/openai';
 import { HumanMessage } from '@langchain/core/messages';
 import { tool } from '@langchain/core/tools';
 import { z } from 'zod';
+import { check, test, finish } from './runner.mjs';
 
 const fakeUrl = process.env.FAKE_URL;
 const plainUrl = process.env.DSGATE_URL;
 const compatUrl = process.env.DSGATE_COMPAT_URL;
 const compatWhy = process.env.DSGATE_COMPAT_NOTE || 'not set';
 
-let passed = 0;
-let failed = 0;
-
-function check(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
-
-async function test(name, fn) {
-  const t0 = Date.now();
-  const limit = 30000;
-  let timer;
-  try {
-    await Promise.race([
-      fn(),
-      new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`timed out after ${limit} ms`)), limit);
-      }),
-    ]);
-    passed++;
-    console.log(`PASS ${name}` + (Date.now() - t0 >= 1000 ? ` (${((Date.now() - t0) / 1000).toFixed(2)}s)` : ''));
-  } catch (e) {
-    failed++;
-    const w = (e && (e.stack || e.message)) || String(e);
-    console.log(`FAIL ${name}: ${String(w).split('\n').slice(0, 3).join(' | ')}`);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 function testId() {
   return `node-lc-${Date.now()}-${Math.random().toString(16).slice(2)}`;
@@ -149,5 +122,4 @@ for (const streaming of [false, true]) {
   });
 }
 
-console.log(`RESULT passed=${passed} failed=${failed}`);
-process.exit(failed ? 1 : 0);
+finish();
