@@ -1489,6 +1489,19 @@ def check_healthy(d):
     check(not bad, "dsgate log: %s" % " | ".join(bad[:3]))
 
 
+def check_stopped_clean(dsgates):
+    """Stops every dsgate of DSGATES (name -> dsgate, None when never started):
+    each must exit 0 with no sanitizer report in its log."""
+    bad = []
+    for k, d in dsgates.items():
+        if d is None:
+            continue
+        rc = d.stop(15.0)
+        if rc != 0 or sanitizer_lines(d):
+            bad.append("%s: exit %s %s (%s)" % (k, rc, sanitizer_lines(d)[:2], d.log_path))
+    check(not bad, "; ".join(bad))
+
+
 def sanitizer_after_each(dsgates):
     """An after_each for main(): empties DSGATES (the dsgates the test
     started, stopped by then) and fails NAME_sanitizer when a log of theirs

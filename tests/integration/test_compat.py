@@ -291,15 +291,7 @@ def t_scoped_per_credential():
 
 
 def t_stop_clean():
-    bad = []
-    for k in CONFIGS:
-        d = P.get(k)
-        if d is None:
-            continue
-        rc = d.stop(15.0)
-        if rc != 0 or H.sanitizer_lines(d):
-            bad.append("%s: exit %s %s (%s)" % (k, rc, H.sanitizer_lines(d)[:2], d.log_path))
-    check(not bad, "; ".join(bad))
+    H.check_stopped_clean({k: P.get(k) for k in CONFIGS})
 
 
 TESTS = [
