@@ -27,6 +27,7 @@ const struct end_info req_end_info[END_COUNT] = {
     [END_QUEUE_FULL] = {"queue_full", WHO_GATEWAY, AT_ADMIT},
     [END_QUEUE_DISPLACED] = {"queue_displaced", WHO_GATEWAY, AT_QUEUE},
     [END_QUEUE_TIMEOUT] = {"queue_timeout", WHO_GATEWAY, AT_QUEUE},
+    [END_CLIENT_LIMITED] = {"client_limited", WHO_CLIENT, AT_ADMIT},
     [END_CLIENT_QUEUED] = {"client_closed_queued", WHO_CLIENT, AT_QUEUE},
     [END_CLIENT_BACKOFF] = {"client_closed_backoff", WHO_CLIENT, AT_BACKOFF},
     [END_CLIENT_WAITING] = {"client_closed_waiting", WHO_CLIENT, AT_ATTEMPT},
@@ -80,12 +81,18 @@ access_log(const struct access_rec *a, int64_t now)
         "\"upstream_ms\":%lld,\"first_data_ms\":%lld,\"total_ms\":%lld,"
         "\"bytes_in\":%zu,\"bytes_out\":%llu,\"tokens_prompt\":%lld,"
         "\"tokens_completion\":%lld,\"tokens_cache_hit\":%lld,\"reasoning_restored\":%d,"
-        "\"end\":\"%s\"}",
+        "\"end\":\"%s\"",
         a->status, conf_priority_name(a->prio), cache_status_name(a->cache), a->upstream,
         a->attempts, (long long)a->queue_ms, (long long)a->upstream_ms,
         (long long)a->first_data_ms, (long long)((now - a->t_start_us) / 1000), a->bytes_in,
         (unsigned long long)a->bytes_out, (long long)t[TOK_PROMPT], (long long)t[TOK_COMPLETION],
         (long long)t[TOK_CACHE_HIT], a->reasoning_restored, end_label(a));
+    if (a->client) {
+        evbuffer_add_printf(b, ",\"client\":\"");
+        log_json_escape(b, a->client);
+        evbuffer_add_printf(b, "\"");
+    }
+    evbuffer_add_printf(b, "}");
     size_t len = evbuffer_get_length(b);
     log_access((const char *)evbuffer_pullup(b, -1), len);
     evbuffer_free(b);
@@ -116,6 +123,11 @@ count_request(const struct access_rec *a, int64_t now)
         seen[h].s = metrics_series("dsgate_requests_total", labels);
     }
     metrics_series_add(seen[h].s, 1);
+    if (a->client) {
+        /* few clients, few codes: by name, formatted each time */
+        metrics_addf("dsgate_client_requests_total", 1, "client=\"%s\",code=\"%d\"", a->client,
+                     code);
+    }
     if (!duration) {
         duration = metrics_series("dsgate_request_duration_seconds", NULL);
     }

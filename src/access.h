@@ -29,6 +29,7 @@ enum req_end {
     END_QUEUE_FULL,          /* refused at admission */
     END_QUEUE_DISPLACED,     /* shed from the queue by a higher class */
     END_QUEUE_TIMEOUT,       /* waited longer than queue.max_wait */
+    END_CLIENT_LIMITED,      /* over its client's limit (over_limit: reject, or the daily budget) */
     END_CLIENT_QUEUED,       /* the client left while queued */
     END_CLIENT_BACKOFF,      /* ... during a backoff */
     END_CLIENT_WAITING,      /* ... before any data (lookup, fleet, attempt) */
@@ -76,6 +77,7 @@ struct access_rec {
     size_t bytes_in;
     uint64_t bytes_out;
     const int64_t *tokens; /* by enum token_kind (dialect.h); -1 unknown; NULL: none */
+    const char *client; /* its client's name, or NULL */
     int reasoning_restored; /* assistant messages that got their reasoning back (compat.c) */
     enum req_end end;
     const char *code; /* END_REFUSED: the error code, as the end label */

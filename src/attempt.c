@@ -89,7 +89,8 @@ attempt_header_forwardable(const char *name, const char *connection)
 {
     return !(is_hop_by_hop(name) || named_by_connection(connection, name) ||
              strcasecmp(name, "Host") == 0 || strcasecmp(name, "Content-Length") == 0 ||
-             strcasecmp(name, "Expect") == 0 || strcasecmp(name, "X-Priority") == 0);
+             strcasecmp(name, "Expect") == 0 || strcasecmp(name, "X-Priority") == 0 ||
+             strcasecmp(name, "X-Dsgate-Client") == 0);
 }
 
 int

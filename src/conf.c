@@ -94,6 +94,7 @@ static int conf_check_url(const char *s, char *why, size_t n);
 static int conf_check_redis(const char *s, char *why, size_t n);
 static int conf_check_env(const char *s, char *why, size_t n);
 static int conf_check_name(const char *s, char *why, size_t n);
+static int conf_check_client_name(const char *s, char *why, size_t n);
 static int conf_check_path(const char *s, char *why, size_t n);
 static void conf_check_upstream(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map,
                                 const char *path);
@@ -107,6 +108,7 @@ static const char *const conf_routing_names[] = {"failover", "weighted", NULL};
 static const char *const conf_level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const conf_format_names[] = {"json", "text", NULL};
 static const char *const conf_compat_reasoning_names[] = {"off", "restore", NULL};
+static const char *const conf_over_limit_names[] = {"queue", "reject", NULL};
 
 /* ---- the table: every key of design.md, with its bounds and default ---- */
 
@@ -229,9 +231,16 @@ static const struct conf_key conf_fleet_keys[] = {
 };
 
 static const struct conf_key conf_client_keys[] = {
-    {KEY("token_env", CT_STR, CL(token_env), 0, 0, ""), .flags = CK_REQUIRED | CK_NONEMPTY,
-     .check = conf_check_env},
+    {KEY("name", CT_STR, CL(name), 0, 0, ""), .check = conf_check_client_name},
+    {KEY("token_env", CT_STR, CL(token_env), 0, 0, ""), .check = conf_check_env},
     {KEY("priority", CT_ENUM, CL(priority), 0, 0, "medium"), .names = conf_prio_names},
+    {KEY("weight", CT_INT, CL(weight), 1, 1000, "1")},
+    {KEY("max_inflight", CT_INT, CL(max_inflight), 0, 100000, "0")},
+    {KEY("rpm", CT_I64, CL(rpm), 0, 100000000, "0")},
+    {KEY("tpm", CT_I64, CL(tpm), 0, 100000000000LL, "0")},
+    {KEY("tokens_per_day", CT_I64, CL(tokens_per_day), 0, 1000000000000LL, "0")},
+    {KEY("over_limit", CT_ENUM, CL(over_limit), 0, 0, "queue"), .names = conf_over_limit_names},
+    {KEY("max_tokens_default", CT_I64, CL(max_tokens_default), 1, 10000000, "1024")},
     {.name = NULL},
 };
 
@@ -829,6 +838,19 @@ conf_check_name(const char *s, char *why, size_t n)
     if (len > 64 || s[strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                                 "0123456789._-")] != '\0') {
         snprintf(why, n, "must be 1 to 64 letters, digits, '.', '_' or '-'");
+        return -1;
+    }
+    return 0;
+}
+
+/* Client names are metric label values: lower case. */
+static int
+conf_check_client_name(const char *s, char *why, size_t n)
+{
+    size_t len = strlen(s);
+
+    if (len > 64 || s[strspn(s, "abcdefghijklmnopqrstuvwxyz0123456789._-")] != '\0') {
+        snprintf(why, n, "must be 1 to 64 lower-case letters, digits, '.', '_' or '-'");
         return -1;
     }
     return 0;
@@ -1535,6 +1557,12 @@ conf_check_client(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map, c
     char sub[CONF_PATH];
     size_t j;
 
+    if (c[i].name[0] == '\0') {
+        char nm[32];
+        snprintf(nm, sizeof(nm), "client%zu", i);
+        free(c[i].name);
+        c[i].name = conf_strdup(nm);
+    }
     for (j = 0; j < i && c[i].token_env[0] != '\0'; j++) {
         if (strcmp(c[j].token_env, c[i].token_env) == 0) {
             conf_path(sub, sizeof(sub), path, "token_env");
@@ -1542,6 +1570,25 @@ conf_check_client(struct conf_ctx *x, void *items, size_t i, yaml_node_t *map, c
                      "duplicate client token_env (got \"%s\")", c[i].token_env);
             break;
         }
+    }
+    for (j = 0; j < i; j++) {
+        if (strcmp(c[j].name, c[i].name) == 0) {
+            conf_path(sub, sizeof(sub), path, "name");
+            conf_err(x, conf_mark(x, map, "name", map->start_mark), sub,
+                     "duplicate client name (got \"%s\")", c[i].name);
+            break;
+        }
+    }
+    /* either every client logs in with a token, or none does (then X-Dsgate-Client tells them apart) */
+    if (i > 0 && (c[0].token_env[0] == '\0') != (c[i].token_env[0] == '\0')) {
+        conf_path(sub, sizeof(sub), path, "token_env");
+        conf_err(x, conf_mark(x, map, "token_env", map->start_mark), sub,
+                 "clients with and without token_env cannot be mixed: with tokens, a request "
+                 "without one is refused (401); without, X-Dsgate-Client names the client");
+    } else if (c[i].token_env[0] != '\0' && strcmp(c[i].name, "default") == 0) {
+        conf_path(sub, sizeof(sub), path, "name");
+        conf_err(x, conf_mark(x, map, "name", map->start_mark), sub,
+                 "\"default\" is the client of requests without a token; it has no token_env");
     }
 }
 

@@ -57,9 +57,19 @@ struct conf_upstream {
     unsigned dialects_listed; /* upstreams[].dialects as the file says; 0: not given */
 };
 
+enum over_limit { OVER_LIMIT_QUEUE, OVER_LIMIT_REJECT };
+
 struct conf_client {
-    char *token_env; /* variable holding the client token */
+    char *name;      /* in metrics, logs, /clients; "client<N>" when not given */
+    char *token_env; /* variable holding the client token; "": a tokenless client (see clients.h) */
     enum prio priority;
+    int weight;               /* 1..1000: its share inside its class */
+    int max_inflight;         /* 0: no cap */
+    int64_t rpm;              /* 0: no limit */
+    int64_t tpm;              /* 0: no limit */
+    int64_t tokens_per_day;   /* 0: no budget */
+    enum over_limit over_limit;
+    int64_t max_tokens_default; /* the completion estimate when the body names none */
 };
 
 #define CONF_MAX_RETRY_STATUS 16

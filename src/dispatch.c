@@ -4,6 +4,7 @@
  */
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include <event2/event.h>
 
@@ -234,16 +235,153 @@ want_leases(struct gateway *gw, struct request *r)
     }
 }
 
-/* Do requests for the same upstreams (SIG) wait already? */
-static bool
-queued_for(const struct gateway *gw, uint64_t sig)
+/* ---- clients: caps, quotas, fair share -------------------------------------------------- */
+
+static int64_t
+wall_s(void)
 {
+    return (int64_t)time(NULL);
+}
+
+static void
+throttled(struct request *r, enum client_reason why)
+{
+    if (why != CLIENT_OK && !(r->throttled & (1u << why))) {
+        r->throttled |= 1u << why;
+        metrics_addf("dsgate_client_throttled_total", 1, "client=\"%s\",reason=\"%s\"",
+                     r->client->name, client_reason_name[why]);
+    }
+}
+
+/*
+ * The client limit that keeps R from going upstream now (*WAIT_US: for
+ * how long, -1 until a transfer of its client ends), or CLIENT_OK.  Once
+ * its quotas are taken, only the in-flight cap applies (a retry).
+ */
+static enum client_reason
+client_gate(struct request *r, int64_t now, int64_t *wait_us)
+{
+    struct gw_client *cl = r->client;
+
+    *wait_us = 0;
+    if (!cl || r->cheap) {
+        return CLIENT_OK;
+    }
+    if (r->client_taken) {
+        if (cl->max_inflight > 0 && cl->inflight >= cl->max_inflight) {
+            *wait_us = -1;
+            return CLIENT_MAX_INFLIGHT;
+        }
+        return CLIENT_OK;
+    }
+    return client_check(cl, r->est, now, wall_s(), wait_us);
+}
+
+static void
+client_take_for(struct request *r, int64_t now)
+{
+    if (r->client && !r->cheap && !r->client_taken) {
+        client_take(r->client, r->est, now);
+        r->client_taken = true;
+    }
+}
+
+enum client_reason
+dispatch_client_admit(struct request *r, int64_t *wait_us)
+{
+    int64_t now = http_now_us();
+    enum client_reason why = client_gate(r, now, wait_us);
+
+    if (why == CLIENT_OK) {
+        /* reserved now: N parallel requests see each other's reservations */
+        client_take_for(r, now);
+        return CLIENT_OK;
+    }
+    throttled(r, why);
+    /* a spent daily budget would outlast any wait; over_limit: reject answers at once */
+    return why == CLIENT_DAY || r->client->reject ? why : CLIENT_OK;
+}
+
+void
+dispatch_client_settle(struct request *r)
+{
+    struct gw_client *cl = r->client;
+
+    if (!cl || !r->client_taken) {
+        return;
+    }
+    r->client_taken = false;
+    int64_t used = client_usage_total(r->dialect->id, r->att->tokens);
+    if (used < 0 && r->status == 200 && r->attempts > 0 && r->end != END_CACHE_HIT) {
+        used = r->est; /* an answer whose usage is not known: what was reserved is spent */
+    }
+    client_settle(cl, r->est, used, http_now_us(), wall_s());
+    for (int i = 0; i < TOK_KINDS && r->attempts > 0; i++) {
+        if (r->att->tokens[i] < 0) {
+            continue;
+        }
+        if (!cl->m_tokens[i]) {
+            char labels[160];
+            snprintf(labels, sizeof(labels), "client=\"%s\",kind=\"%s\"", cl->name,
+                     token_kind_name[i]);
+            cl->m_tokens[i] = metrics_series("dsgate_client_tokens_total", labels);
+        }
+        metrics_series_add(cl->m_tokens[i], (double)r->att->tokens[i]);
+    }
+}
+
+/* The queue's view: is the flow (client) of this head held back by its limits? */
+static bool
+queue_blocked(const struct sched_item *it, void *arg)
+{
+    struct gateway *gw = arg;
+    struct request *r = (struct request *)it; /* the item is its first member */
+    int64_t wait_us;
+    enum client_reason why = client_gate(r, http_now_us(), &wait_us);
+
+    if (why == CLIENT_OK) {
+        return false;
+    }
+    throttled(r, why);
+    if (wait_us > 0 && (gw->client_wake_us == 0 || wait_us < gw->client_wake_us)) {
+        gw->client_wake_us = wait_us;
+    }
+    return true;
+}
+
+/* A bucket will let a queued request go in client_wake_us: pump then. */
+static void
+client_wake_arm(struct gateway *gw)
+{
+    if (gw->client_wake_us > 0 && gw->client_wake) {
+        int64_t us = gw->client_wake_us;
+        struct timeval tv = {(time_t)(us / 1000000), (suseconds_t)(us % 1000000)};
+        evtimer_add(gw->client_wake, &tv);
+    }
+    gw->client_wake_us = 0;
+}
+
+void
+dispatch_client_wake_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    dispatch_pump(arg);
+}
+
+/* Do requests for the same upstreams (SIG) that are free to go wait already? */
+static bool
+queued_for(struct gateway *gw, uint64_t sig, int64_t now)
+{
+    int64_t aging = gw->conf->queue.aging_ms * 1000;
+
     for (unsigned i = 0; i < SCHED_GROUPS; i++) {
-        if (gw->queue.g[i].used && gw->queue.g[i].sig == sig) {
-            return true;
+        if (gw->queue.g[i].used && (gw->queue.g[i].sig == sig || i == SCHED_GROUPS - 1) &&
+            sched_queue_peek(&gw->queue.g[i].q, now, aging, queue_blocked, gw, NULL)) {
+            return true; /* the shared overflow queue counts for every SIG */
         }
     }
-    return gw->queue.g[SCHED_GROUPS - 1].used; /* the shared overflow queue */
+    return false;
 }
 
 enum dispatch_result
@@ -260,17 +398,39 @@ dispatch_requeue_at(struct request *r, struct gw_upstream **up, int64_t t_enq_us
     size_t n = candidates(r, 0, c);
     uint64_t sig = 0;
 
+    int64_t now = http_now_us(), wait_us;
+
     for (size_t i = 0; i < n; i++) {
         sig |= (uint64_t)1 << c[i];
     }
-    if (r->cheap || gw->queue.total == 0 || !queued_for(gw, sig)) {
+    if (r->client && !r->item.tagged) {
+        r->item.flow_key = r->client;
+        sched_set_tag(&gw->queue, &r->item, r->prio, &r->client->finish[r->prio],
+                      r->client->weight);
+    }
+    enum client_reason why = client_gate(r, now, &wait_us);
+    if (r->cheap || (why == CLIENT_OK && (gw->queue.total == 0 || !queued_for(gw, sig, now)))) {
         *up = pick_upstream(gw, r);
         if (*up) {
+            client_take_for(r, now);
+            sched_set_served(&gw->queue, &r->item);
             metrics_observe("dsgate_queue_wait_seconds", NULL, 0);
             return DISPATCH_GO;
         }
     }
-    sched_set_push_at(&gw->queue, &r->item, sig, r->prio, t_enq_us, http_now_us());
+    if (why != CLIENT_OK) {
+        throttled(r, why);
+        if (wait_us > 0 && (gw->client_wake_us == 0 || wait_us < gw->client_wake_us)) {
+            gw->client_wake_us = wait_us;
+        }
+        client_wake_arm(gw);
+    } else {
+        gw->client_wake_us = 0; /* what queued_for's look found, it finds again when it pumps */
+    }
+    sched_set_push_at(&gw->queue, &r->item, sig, r->prio, t_enq_us, now);
+    if (r->client) {
+        r->client->queued++;
+    }
     if (fleet_active(gw->fleet)) {
         want_leases(gw, r);
     }
@@ -306,6 +466,9 @@ dispatch_leave(struct request *r)
         return;
     }
     sched_set_remove(&r->gw->queue, &r->item);
+    if (r->client) {
+        r->client->queued--;
+    }
     int64_t waited = http_now_us() - r->item.t_in_us;
     r->queue_us += waited;
     metrics_observe("dsgate_queue_wait_seconds", NULL, (double)waited / 1e6);
@@ -339,11 +502,12 @@ static void
 shed_held(struct gateway *gw, int64_t now)
 {
     struct sched_item *heads[SCHED_GROUPS];
-    size_t n = sched_set_heads(&gw->queue, now, gw->conf->queue.aging_ms * 1000, heads);
+    enum prio cls[SCHED_GROUPS];
+    size_t n = sched_set_heads(&gw->queue, now, gw->conf->queue.aging_ms * 1000, queue_blocked,
+                               gw, heads, cls);
 
     for (size_t i = 0; i < n && gw->held > 0; i++) {
-        enum prio p = sched_effective(heads[i], now, gw->conf->queue.aging_ms * 1000);
-        shed_for(gw, (struct request *)heads[i], p);
+        shed_for(gw, (struct request *)heads[i], cls[i]);
     }
 }
 
@@ -357,13 +521,16 @@ dispatch_pump(struct gateway *gw)
     }
     for (;;) {
         struct sched_item *heads[SCHED_GROUPS];
-        size_t n = sched_set_heads(&gw->queue, now, gw->conf->queue.aging_ms * 1000, heads);
+        size_t n = sched_set_heads(&gw->queue, now, gw->conf->queue.aging_ms * 1000,
+                                   queue_blocked, gw, heads, NULL);
         bool moved = false;
         for (size_t i = 0; i < n && !moved; i++) {
             struct request *r = (struct request *)heads[i];
             struct gw_upstream *up = pick_upstream(gw, r);
             struct gw_upstream *blocked = up ? NULL : dispatch_auth_blocked(r);
             if (up) {
+                client_take_for(r, now);
+                sched_set_served(&gw->queue, &r->item);
                 dispatch_leave(r);
                 gw->dispatch_ops->start(r, up);
                 moved = true;
@@ -383,6 +550,7 @@ dispatch_pump(struct gateway *gw)
             break;
         }
     }
+    client_wake_arm(gw);
     fleet_trim(gw->fleet);
 }
 
@@ -400,6 +568,9 @@ dispatch_acquire_at(struct request *r, struct attempt *a, struct gw_upstream *up
         return; /* outside the concurrency limit */
     }
     sched_limit_acquire(&up->limit);
+    if (r->client) {
+        r->client->inflight++;
+    }
     if (fleet_active(r->gw->fleet) && up->fleet) {
         a->lease = fleet_take(up->fleet);
     }
@@ -476,6 +647,12 @@ dispatch_release_at(struct request *r, struct attempt *a)
     if (a->slot_held) {
         a->slot_held = false;
         sched_limit_release(&a->up->limit);
+        struct gw_client *cl = r->client;
+        if (cl && cl->inflight-- == cl->max_inflight && cl->queued > 0 && r->gw->later) {
+            /* its queued requests may go now; from the loop, as this may run in a transfer's callback */
+            r->gw->pump_wanted = true;
+            event_active(r->gw->later, EV_TIMEOUT, 0);
+        }
     }
     if (a->lease) {
         fleet_release(r->gw->fleet, a->up->fleet, a->lease);
@@ -581,6 +758,16 @@ dispatch_update_gauges(struct gateway *gw)
 
     for (int p = 0; p < PRIO_COUNT; p++) {
         metrics_setf("dsgate_queue_depth", (double)gw->queue.depth[p], "priority=\"%s\"", pn[p]);
+    }
+    for (size_t i = 0; i < gw->clients.n; i++) {
+        const struct gw_client *cl = gw->clients.v[i];
+        metrics_setf("dsgate_client_inflight", cl->inflight, "client=\"%s\"", cl->name);
+        metrics_setf("dsgate_client_queued", (double)cl->queued, "client=\"%s\"", cl->name);
+        if (cl->tokens_per_day > 0) {
+            int64_t left = cl->tokens_per_day - cl->tokens_today - cl->reserved;
+            metrics_setf("dsgate_client_budget_remaining_tokens", (double)(left > 0 ? left : 0),
+                         "client=\"%s\"", cl->name);
+        }
     }
     for (size_t i = 0; i < gw->nups; i++) {
         const struct gw_upstream *u = gw->ups[i];

@@ -22,6 +22,7 @@
 
 #include <event2/util.h>
 
+#include "clients.h"
 #include "route.h"
 
 struct gateway;
@@ -116,5 +117,17 @@ void dispatch_circuit_at(struct request *r, struct attempt *a, enum route_outcom
 void dispatch_update_gauges(struct gateway *gw);
 /* Timer callback of gw_upstream.wake: an open circuit may let requests through. */
 void dispatch_wake_cb(evutil_socket_t fd, short what, void *arg);
+
+/*
+ * Clients (clients.h): may R be admitted by its client's limits?  Its
+ * quotas are reserved when they allow it now; CLIENT_OK also when they
+ * do not but it may wait in the queue (over_limit: queue); else the
+ * reason to refuse it (429) and *WAIT_US until the limit allows.
+ */
+enum client_reason dispatch_client_admit(struct request *r, int64_t *wait_us);
+/* R is over: its client's reservation becomes what its answer used, or is refunded. */
+void dispatch_client_settle(struct request *r);
+/* gw->client_wake: a client's bucket lets a queued request go. */
+void dispatch_client_wake_cb(evutil_socket_t fd, short what, void *arg);
 
 #endif

@@ -91,52 +91,6 @@ find_upstream(struct gateway *gw, const char *name)
     return NULL;
 }
 
-static void
-clients_free(struct gw_client *cl, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        if (cl[i].token) {
-            explicit_bzero(cl[i].token, cl[i].token_len);
-            free(cl[i].token);
-        }
-    }
-    free(cl);
-}
-
-/* Client tokens from the variables the configuration names. */
-static int
-clients_build(const struct conf *c, struct gw_client **out, size_t *nout)
-{
-    struct gw_client *cl = calloc(c->nclients ? c->nclients : 1, sizeof(*cl));
-    size_t n = 0;
-
-    if (!cl) {
-        return -1;
-    }
-    for (size_t i = 0; i < c->nclients; i++) {
-        const char *tok = getenv(c->clients[i].token_env);
-        if (!tok || !*tok) {
-            log_msg(LOG_WARN, "clients[%zu]: variable %s is not set; that client cannot log in", i,
-                    c->clients[i].token_env);
-            continue;
-        }
-        cl[n].token = strdup(tok);
-        if (!cl[n].token) {
-            clients_free(cl, n);
-            return -1;
-        }
-        cl[n].token_len = strlen(tok);
-        cl[n].priority = c->clients[i].priority;
-        n++;
-    }
-    if (c->nclients > 0 && n == 0) {
-        log_msg(LOG_WARN, "no client token is set: every proxied request will get 401");
-    }
-    *out = cl;
-    *nout = n;
-    return 0;
-}
-
 static char *
 cache_group_of(const struct conf *c)
 {
@@ -182,11 +136,10 @@ gateway_apply(struct gateway *gw, struct conf *c)
 {
     struct conf_ref *cref = calloc(1, sizeof(*cref));
     struct gw_upstream **ups = calloc(c->nupstreams, sizeof(*ups));
-    struct gw_client *clients = NULL;
-    size_t nclients = 0;
+    struct clients clients = {0};
     char *group = cache_group_of(c);
 
-    if (!cref || !ups || !group || clients_build(c, &clients, &nclients) < 0) {
+    if (!cref || !ups || !group || clients_build(c, &gw->clients, &clients, http_now_us()) < 0) {
         free(cref);
         free(ups);
         free(group);
@@ -250,10 +203,8 @@ gateway_apply(struct gateway *gw, struct conf *c)
     gw->nups = c->nupstreams;
     gw->has_aliases = has_aliases;
 
-    clients_free(gw->clients, gw->nclients);
+    clients_free(&gw->clients); /* dropped ones go when their requests end */
     gw->clients = clients;
-    gw->nclients = nclients;
-    gw->require_client = c->nclients > 0;
 
     /* cache tiers */
     free(gw->cache_group);
@@ -328,9 +279,7 @@ gateway_free(struct gateway *gw)
     free(gw->ups);
     gw->ups = NULL;
     gw->nups = 0;
-    clients_free(gw->clients, gw->nclients);
-    gw->clients = NULL;
-    gw->nclients = 0;
+    clients_free(&gw->clients);
     cache_mem_free(gw->mem);
     gw->mem = NULL;
     compat_free(gw->compat);

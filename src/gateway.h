@@ -16,6 +16,7 @@
 
 #include <event2/util.h>
 
+#include "clients.h"
 #include "conf.h"
 #include "dialect.h"
 #include "retry.h"
@@ -74,12 +75,6 @@ struct gw_upstream {
     size_t auth_body_len;
 };
 
-struct gw_client {
-    char *token; /* secret */
-    size_t token_len;
-    enum prio priority;
-};
-
 struct gateway {
     struct event_base *base;
     struct conf *conf; /* current: cref->conf */
@@ -89,9 +84,9 @@ struct gateway {
     struct gw_upstream **ups;
     size_t nups;
     bool has_aliases;          /* some upstream has a models map */
-    struct gw_client *clients; /* those whose token variable is set */
-    size_t nclients;
-    bool require_client;     /* clients: configured */
+    struct clients clients;  /* who sends requests, their limits and state (clients.h) */
+    struct event *client_wake; /* the soonest a client's bucket lets a queued request go */
+    int64_t client_wake_us;    /* found while pumping: that soonest, from now; 0: none */
     struct sched_set queue;  /* requests waiting for an upstream slot */
     struct cache_mem *mem;   /* memory tier of the cache */
     struct store *store;     /* Redis tier, or NULL */

@@ -300,6 +300,18 @@ metrics_init(void)
                      "Requests answered from the shared cache after another instance's call.");
     metrics_register("dsgate_tokens_total", METRIC_COUNTER,
                      "Tokens reported by the upstream in usage, by upstream and kind.");
+    metrics_register("dsgate_client_requests_total", METRIC_COUNTER,
+                     "Requests ended, by client and status code.");
+    metrics_register("dsgate_client_tokens_total", METRIC_COUNTER,
+                     "Tokens of the client's answers' usage, by client and kind.");
+    metrics_register("dsgate_client_inflight", METRIC_GAUGE,
+                     "Upstream transfers of the client's requests now.");
+    metrics_register("dsgate_client_queued", METRIC_GAUGE, "The client's requests queued now.");
+    metrics_register("dsgate_client_throttled_total", METRIC_COUNTER,
+                     "Requests held back or refused by a limit of their client, by reason "
+                     "(max_inflight, rpm, tpm, tokens_per_day); once per request and reason.");
+    metrics_register("dsgate_client_budget_remaining_tokens", METRIC_GAUGE,
+                     "Tokens left of the client's tokens_per_day today (reservations count).");
 }
 
 void

@@ -36,6 +36,9 @@ reply_headers(struct http_header *h, const struct reply_info *ri, struct reply_b
     if (ri->upstream) {
         h[n++] = (struct http_header){"X-Dsgate-Upstream", ri->upstream};
     }
+    if (ri->client) {
+        h[n++] = (struct http_header){"X-Dsgate-Client", ri->client};
+    }
     return n;
 }
 
@@ -48,6 +51,7 @@ reply_error(struct request *r, int status, const char *type, const char *code, c
         .attempts = r->attempts,
         .queue_ms = r->queue_us / 1000,
         .upstream = r->attempts > 0 && r->att->up ? r->att->up->conf->name : NULL,
+        .client = REPLY_CLIENT(r),
     };
     size_t nh = reply_headers(h, &ri, &rb);
 
@@ -113,6 +117,7 @@ reply_early_head(struct request *r)
         .queue_ms = (r->queue_us + queued_us) / 1000,
         .upstream = r->attempts > 0 && r->att->up ? r->att->up->conf->name : NULL,
         .cache = r->cacheable ? (r->store_ok ? "MISS" : "BYPASS") : NULL,
+        .client = REPLY_CLIENT(r),
     };
 
     h[0] = (struct http_header){"Content-Type", r->want_sse ? "text/event-stream; charset=utf-8"
@@ -201,7 +206,7 @@ reply_cached(struct request *r, struct cache_entry *e, const char *tier)
 {
     struct http_header h[1 + REPLY_MAX_HEADERS];
     struct reply_buf rb;
-    struct reply_info ri = {.cache = "HIT"};
+    struct reply_info ri = {.cache = "HIT", .client = REPLY_CLIENT(r)};
 
     h[0] = (struct http_header){"Content-Type", e->ctype};
     size_t nh = 1 + reply_headers(h + 1, &ri, &rb);
@@ -297,7 +302,8 @@ reply_unreachable(struct request *r, int64_t retry_ms)
 {
     struct http_header h[1 + REPLY_MAX_HEADERS];
     struct reply_buf rb;
-    struct reply_info ri = {.attempts = r->attempts, .queue_ms = r->queue_us / 1000};
+    struct reply_info ri = {
+        .attempts = r->attempts, .queue_ms = r->queue_us / 1000, .client = REPLY_CLIENT(r)};
     char ra[24];
 
     long long secs = (retry_ms + 999) / 1000;
@@ -313,5 +319,90 @@ reply_unreachable(struct request *r, int64_t retry_ms)
     } else {
         reply_fail(r, 503, "upstream_unreachable", "no upstream can be reached now; retry later",
                    END_UP_UNREACHABLE);
+    }
+}
+
+/* OpenAI's reset format: "250ms", "1.5s", "6m0s". */
+static void
+fmt_reset(char *out, size_t n, int64_t us)
+{
+    int64_t ms = (us + 999) / 1000;
+
+    if (ms < 1000) {
+        snprintf(out, n, "%lldms", (long long)ms);
+    } else if (ms < 60000) {
+        snprintf(out, n, "%lld.%llds", (long long)(ms / 1000), (long long)(ms % 1000 / 100));
+    } else {
+        snprintf(out, n, "%lldm%llds", (long long)(ms / 60000), (long long)(ms % 60000 / 1000));
+    }
+}
+
+void
+reply_client_limited(struct request *r, int why, int64_t wait_us)
+{
+    struct gw_client *cl = r->client;
+    struct http_header h[8 + REPLY_MAX_HEADERS];
+    struct reply_buf rb;
+    struct reply_info ri = {.queue_ms = r->queue_us / 1000, .client = REPLY_CLIENT(r)};
+    char ra[24], ram[24], lr[24], rr[24], sr[24], lt[24], rt[24], st[24], msg[256];
+    int64_t now = http_now_us();
+    size_t nh = 0;
+    const char *code = "rate_limit_exceeded";
+
+    if (wait_us < 0) {
+        wait_us = 1000000; /* until one of its transfers ends: no better guess than a second */
+    }
+    snprintf(ra, sizeof(ra), "%lld", (long long)((wait_us + 999999) / 1000000));
+    snprintf(ram, sizeof(ram), "%lld", (long long)((wait_us + 999) / 1000));
+    h[nh++] = (struct http_header){"Retry-After", ra};
+    h[nh++] = (struct http_header){"retry-after-ms", ram};
+    if (cl->rpm > 0) {
+        bucket_refill(&cl->req, now);
+        snprintf(lr, sizeof(lr), "%lld", (long long)cl->rpm);
+        snprintf(rr, sizeof(rr), "%lld", (long long)(cl->req.level > 0 ? cl->req.level : 0));
+        fmt_reset(sr, sizeof(sr), bucket_reset_us(&cl->req, now));
+        h[nh++] = (struct http_header){"x-ratelimit-limit-requests", lr};
+        h[nh++] = (struct http_header){"x-ratelimit-remaining-requests", rr};
+        h[nh++] = (struct http_header){"x-ratelimit-reset-requests", sr};
+    }
+    if (cl->tpm > 0) {
+        bucket_refill(&cl->tok, now);
+        snprintf(lt, sizeof(lt), "%lld", (long long)cl->tpm);
+        snprintf(rt, sizeof(rt), "%lld", (long long)(cl->tok.level > 0 ? cl->tok.level : 0));
+        fmt_reset(st, sizeof(st), bucket_reset_us(&cl->tok, now));
+        h[nh++] = (struct http_header){"x-ratelimit-limit-tokens", lt};
+        h[nh++] = (struct http_header){"x-ratelimit-remaining-tokens", rt};
+        h[nh++] = (struct http_header){"x-ratelimit-reset-tokens", st};
+    }
+    nh += reply_headers(h + nh, &ri, &rb);
+    switch ((enum client_reason)why) {
+    case CLIENT_DAY:
+        code = "daily_budget_exceeded";
+        snprintf(msg, sizeof(msg),
+                 "client %s has spent its daily budget of %lld tokens; it renews at 00:00 UTC",
+                 cl->name, (long long)cl->tokens_per_day);
+        break;
+    case CLIENT_MAX_INFLIGHT:
+        code = "concurrency_limit_exceeded";
+        snprintf(msg, sizeof(msg), "client %s has %d requests in flight, its max_inflight",
+                 cl->name, cl->max_inflight);
+        break;
+    case CLIENT_TPM:
+        snprintf(msg, sizeof(msg),
+                 "client %s is over its limit of %lld tokens per minute (this request may use "
+                 "%lld); retry in %s s", cl->name, (long long)cl->tpm, (long long)r->est, ra);
+        break;
+    default:
+        snprintf(msg, sizeof(msg), "client %s is over its limit of %lld requests per minute; "
+                 "retry in %s s", cl->name, (long long)cl->rpm, ra);
+        break;
+    }
+    r->status = 429;
+    r->end = END_CLIENT_LIMITED;
+    if (r->hreq && !http_reply_started(r->hreq)) {
+        http_reply_error_h(r->hreq, 429, "rate_limit_error", code, msg, h, nh);
+        r->hreq = NULL;
+    } else {
+        reply_fail(r, 429, code, msg, END_CLIENT_LIMITED);
     }
 }

@@ -12,7 +12,7 @@
 
 #include "http.h"
 
-#define REPLY_MAX_HEADERS 5
+#define REPLY_MAX_HEADERS 6
 
 struct reply_info {
     int attempts;
@@ -20,6 +20,7 @@ struct reply_info {
     const char *upstream; /* NULL: no X-Dsgate-Upstream */
     const char *cache;    /* "HIT", "MISS", "BYPASS", or NULL: no X-Cache */
     bool coalesced;
+    const char *client; /* NULL: no X-Dsgate-Client */
 };
 
 /* Storage for the numbers the headers point to. */
@@ -27,6 +28,9 @@ struct reply_buf {
     char attempts[16];
     char queue_ms[24];
 };
+
+/* The client name for X-Dsgate-Client, or NULL. */
+#define REPLY_CLIENT(r) ((r)->client ? (r)->client->name : NULL)
 
 /* Append the set to H (room for REPLY_MAX_HEADERS); returns how many. */
 size_t reply_headers(struct http_header *h, const struct reply_info *ri, struct reply_buf *b);
@@ -64,6 +68,8 @@ void reply_cached(struct request *r, struct cache_entry *e, const char *tier);
 void reply_auth(struct request *r, struct gw_upstream *u);
 /* 503 with Retry-After (RETRY_MS until the next probe): no upstream can be reached. */
 void reply_unreachable(struct request *r, int64_t retry_ms);
+/* Over a limit of its client (WHY: enum client_reason; WAIT_US until it allows): 429. */
+void reply_client_limited(struct request *r, int why, int64_t wait_us);
 /* 404 naming the models the configured upstreams take. */
 void reply_unknown_model(struct request *r);
 /* 404: no configured upstream takes the request's dialect (upstreams[].dialects). */

@@ -404,6 +404,7 @@ cur_start(struct request *r, int status, struct http_header *h, size_t n, int64_
         .queue_ms = r->queue_us / 1000,
         .upstream = r->att->up->conf->name,
         .cache = r->cacheable ? (r->store_ok ? "MISS" : "BYPASS") : NULL,
+        .client = REPLY_CLIENT(r),
     };
 
     r->replied = true;
@@ -595,7 +596,7 @@ fill_spec(const struct request *r, struct attempt_spec *spec)
         .model_len = r->model_len,
         .ch = &r->ch,
         .dialect = r->dialect,
-        .count_usage = r->cache_path,
+        .count_usage = r->cache_path || (r->client && (r->client->tpm || r->client->tokens_per_day)),
     };
 }
 
@@ -756,7 +757,14 @@ static void
 admit(struct request *r)
 {
     struct gw_upstream *up;
+    int64_t wait_us;
+    enum client_reason why = dispatch_client_admit(r, &wait_us);
 
+    if (why != CLIENT_OK) {
+        reply_client_limited(r, why, wait_us);
+        request_end(r);
+        return;
+    }
     switch (dispatch_submit(r, &up)) {
     case DISPATCH_GO:
         start_attempt(r, up);
@@ -1100,6 +1108,7 @@ access_record(const struct request *r)
         .reasoning_restored = compat_restored(r->compat),
         .bytes_out = r->bytes_out,
         .tokens = r->att->tokens,
+        .client = r->client ? r->client->name : NULL,
         .end = r->end,
     };
     access_note(&a);
@@ -1134,6 +1143,7 @@ request_unref(struct request *r)
         event_free(r->hedge_kill);
     }
     client_headers_free(&r->ch);
+    client_unref(r->client);
     compat_req_free(r->compat);
     free(r->body);
     free(r->path);
@@ -1197,6 +1207,7 @@ request_end(struct request *r)
         r->hreq = NULL;
     }
     dispatch_release(r);
+    dispatch_client_settle(r);
     access_record(r);
     gw->live_requests--;
     if (r->lprev) {
@@ -1240,6 +1251,10 @@ later_cb(evutil_socket_t fd, short what, void *arg)
         gw->pending = r->later;
         r->later = NULL;
         route(r);
+    }
+    if (gw->pump_wanted) {
+        gw->pump_wanted = false;
+        dispatch_pump(gw);
     }
     reap(gw);
 }
@@ -1374,6 +1389,11 @@ request_start(struct gateway *gw, struct http_req *hreq, enum prio prio, bool ca
     r->want_sse = cache_path && lookup_wants_stream(bi->doc, hreq->body, hreq->body_len);
     r->body = http_req_take_body(hreq, &r->body_len);
     r->bytes_in = r->body_len;
+    if (bi->client) {
+        r->client = bi->client;
+        client_ref(r->client);
+        r->est = client_estimate(r->client, r->body, r->body_len);
+    }
     keepalive_arm(r);
     if (bi->model) {
         r->model = strdup(bi->model); /* no routing by model if this fails */
@@ -1404,7 +1424,8 @@ request_setup(struct gateway *gw)
     gw->dispatch_ops = &dispatch_ops;
     gw->flights = flight_table_new(&flight_ops);
     gw->later = event_new(gw->base, -1, 0, later_cb, gw);
-    return gw->flights && gw->later ? 0 : -1;
+    gw->client_wake = evtimer_new(gw->base, dispatch_client_wake_cb, gw);
+    return gw->flights && gw->later && gw->client_wake ? 0 : -1;
 }
 
 void
@@ -1414,6 +1435,10 @@ request_teardown(struct gateway *gw)
         later_cb(-1, 0, gw); /* free what is ended */
         event_free(gw->later);
         gw->later = NULL;
+    }
+    if (gw->client_wake) {
+        event_free(gw->client_wake);
+        gw->client_wake = NULL;
     }
     flight_table_free(gw->flights);
     gw->flights = NULL;

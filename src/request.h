@@ -70,6 +70,10 @@ struct request {
     const struct dialect *dialect; /* from the path, once: errors, keep-alives, usage, caching */
     bool cheap;   /* the dialect's cheap path (token counting): never queued, no slot */
     enum prio prio;
+    struct gw_client *client; /* who sent it (clients.h); a reference */
+    int64_t est;              /* the tokens it may use, reserved from the client's quotas */
+    bool client_taken;        /* its request and tokens are reserved (settled at the end) */
+    unsigned throttled;       /* bits of enum client_reason it was held back for (counted once) */
     char *body;
     size_t body_len;
     size_t bytes_in; /* the body as the client sent it (BODY may get reasoning back) */
@@ -186,6 +190,7 @@ struct request_body_info {
     const uint8_t *raw_key;   /* the exact bytes' digest lookup_known_key() made, or NULL */
     const char *model;        /* decoded, or NULL */
     size_t model_off, model_len;
+    struct gw_client *client; /* its client (server.c) */
 };
 
 /* Proxy an admitted request.  Takes over REQ.  CACHE_PATH: on cache.paths. */

@@ -7,29 +7,89 @@
 
 #include <stddef.h>
 
+/* Does item A go before item B (same class)? */
+static bool
+item_before(const struct sched_item *a, const struct sched_item *b)
+{
+    return a->tag < b->tag || (a->tag == b->tag && a->t_enq_us < b->t_enq_us);
+}
+
+static void
+flow_unlink(struct sched_queue *q, enum prio p, struct sched_item *h)
+{
+    if (h->fprev) {
+        h->fprev->fnext = h->fnext;
+    } else {
+        q->flows[p] = h->fnext;
+    }
+    if (h->fnext) {
+        h->fnext->fprev = h->fprev;
+    }
+    h->fprev = h->fnext = NULL;
+}
+
+/* Head H into its class's flows by its place: few flows, walked from the front. */
+static void
+flow_link(struct sched_queue *q, enum prio p, struct sched_item *h)
+{
+    struct sched_item *after = NULL;
+
+    for (struct sched_item *x = q->flows[p]; x && !item_before(h, x); x = x->fnext) {
+        after = x;
+    }
+    h->fprev = after;
+    h->fnext = after ? after->fnext : q->flows[p];
+    if (h->fnext) {
+        h->fnext->fprev = h;
+    }
+    if (after) {
+        after->fnext = h;
+    } else {
+        q->flows[p] = h;
+    }
+}
+
 void
 sched_queue_push(struct sched_queue *q, struct sched_item *it, enum prio p, int64_t now_us)
 {
-    struct sched_item *after = q->tail[p];
+    struct sched_item *h = q->flows[p];
 
     it->prio = p;
     it->t_enq_us = now_us;
     it->t_in_us = now_us;
-    /* one that comes back keeps its place: after the last one that came before it */
-    while (after && after->t_enq_us > now_us) {
-        after = after->prev;
+    if (!it->tagged) {
+        it->tag = 0; /* untagged: FIFO by arrival */
     }
-    it->prev = after;
-    it->next = after ? after->next : q->head[p];
-    if (it->next) {
-        it->next->prev = it;
-    } else {
-        q->tail[p] = it;
+    it->fprev = it->fnext = it->ftail = NULL;
+    while (h && h->flow_key != it->flow_key) {
+        h = h->fnext;
     }
-    if (after) {
-        after->next = it;
+    if (!h) {
+        it->prev = it->next = NULL;
+        it->ftail = it;
+        flow_link(q, p, it);
     } else {
-        q->head[p] = it;
+        /* one that comes back keeps its place: after the last one that goes before it */
+        struct sched_item *after = h->ftail;
+        while (after && item_before(it, after)) {
+            after = after->prev;
+        }
+        it->prev = after;
+        it->next = after ? after->next : h;
+        if (it->next) {
+            it->next->prev = it;
+        } else {
+            h->ftail = it;
+        }
+        if (after) {
+            after->next = it;
+        } else {
+            /* the flow's new head takes over its place among the flows */
+            it->ftail = h->ftail;
+            h->ftail = NULL;
+            flow_unlink(q, p, h);
+            flow_link(q, p, it);
+        }
     }
     q->depth[p]++;
     q->total++;
@@ -44,17 +104,27 @@ sched_queue_remove(struct sched_queue *q, struct sched_item *it)
     if (!it->queued) {
         return;
     }
-    if (it->prev) {
+    if (!it->prev) {
+        struct sched_item *next = it->next;
+        flow_unlink(q, p, it);
+        if (next) {
+            next->prev = NULL;
+            next->ftail = it->ftail;
+            flow_link(q, p, next);
+        }
+    } else {
+        if (!it->next) {
+            struct sched_item *h = it->prev;
+            while (h->prev) {
+                h = h->prev; /* the last one leaves: its flow's head must know */
+            }
+            h->ftail = it->prev;
+        } else {
+            it->next->prev = it->prev;
+        }
         it->prev->next = it->next;
-    } else {
-        q->head[p] = it->next;
     }
-    if (it->next) {
-        it->next->prev = it->prev;
-    } else {
-        q->tail[p] = it->prev;
-    }
-    it->prev = it->next = NULL;
+    it->prev = it->next = it->ftail = NULL;
     it->queued = false;
     q->depth[p]--;
     q->total--;
@@ -73,39 +143,92 @@ sched_effective(const struct sched_item *it, int64_t now_us, int64_t aging_us)
 }
 
 /*
- * The head of each class is its oldest item and so the most promoted one;
- * the best of the three heads is the best overall.  Ties go to the item
- * that has waited longest.
+ * Each class serves its first unblocked flow's head; the class counts as
+ * aged by its oldest unblocked request (a flow's head is its oldest), so a
+ * class whose requests have waited long moves up whoever goes first in it.
+ * The best class goes; ties go to the class whose oldest waited longest.
  */
 struct sched_item *
-sched_queue_peek(const struct sched_queue *q, int64_t now_us, int64_t aging_us)
+sched_queue_peek(const struct sched_queue *q, int64_t now_us, int64_t aging_us,
+                 sched_blocked_fn blocked, void *arg, enum prio *cls_out)
 {
     struct sched_item *best = NULL;
+    int64_t best_old = 0;
     enum prio best_cls = PRIO_COUNT;
 
     for (int p = 0; p < PRIO_COUNT; p++) {
-        struct sched_item *h = q->head[p];
-        if (!h) {
+        struct sched_item *first = NULL;
+        int64_t oldest = 0;
+        for (struct sched_item *h = q->flows[p]; h; h = h->fnext) {
+            if (blocked && blocked(h, arg)) {
+                continue;
+            }
+            if (!first) {
+                first = h;
+                oldest = h->t_enq_us;
+            } else if (h->t_enq_us < oldest) {
+                oldest = h->t_enq_us;
+            }
+        }
+        if (!first) {
             continue;
         }
-        enum prio cls = sched_effective(h, now_us, aging_us);
-        if (!best || cls < best_cls || (cls == best_cls && h->t_enq_us < best->t_enq_us)) {
-            best = h;
+        struct sched_item probe = {.prio = (enum prio)p, .t_enq_us = oldest};
+        enum prio cls = sched_effective(&probe, now_us, aging_us);
+        if (!best || cls < best_cls || (cls == best_cls && oldest < best_old)) {
+            best = first;
             best_cls = cls;
+            best_old = oldest;
         }
     }
+    if (cls_out) {
+        *cls_out = best_cls;
+    }
     return best;
+}
+
+/* The last item of class C: the last of the flow whose last goes latest (a flood's newest). */
+static struct sched_item *
+class_last(const struct sched_queue *q, int c)
+{
+    struct sched_item *last = NULL;
+
+    for (struct sched_item *h = q->flows[c]; h; h = h->fnext) {
+        if (!last || item_before(last, h->ftail)) {
+            last = h->ftail;
+        }
+    }
+    return last;
 }
 
 struct sched_item *
 sched_queue_victim(const struct sched_queue *q, enum prio p)
 {
     for (int c = PRIO_COUNT - 1; c > (int)p; c--) {
-        if (q->tail[c]) {
-            return q->tail[c];
+        struct sched_item *t = class_last(q, c);
+        if (t) {
+            return t;
         }
     }
     return NULL;
+}
+
+void
+sched_set_tag(struct sched_set *s, struct sched_item *it, enum prio p, double *finish, int weight)
+{
+    double start = *finish > s->vtime[p] ? *finish : s->vtime[p];
+
+    it->tag = start;
+    it->tagged = true;
+    *finish = start + 1.0 / (weight > 0 ? weight : 1);
+}
+
+void
+sched_set_served(struct sched_set *s, const struct sched_item *it)
+{
+    if (it->tagged && it->tag > s->vtime[it->prio]) {
+        s->vtime[it->prio] = it->tag;
+    }
 }
 
 void
@@ -161,27 +284,37 @@ sched_set_remove(struct sched_set *s, struct sched_item *it)
 
 size_t
 sched_set_heads(const struct sched_set *s, int64_t now_us, int64_t aging_us,
-                struct sched_item **out)
+                sched_blocked_fn blocked, void *arg, struct sched_item **out, enum prio *cls_out)
 {
     size_t n = 0;
+    enum prio cls_of[SCHED_GROUPS];
 
     for (unsigned i = 0; i < SCHED_GROUPS; i++) {
-        struct sched_item *h = s->g[i].used ? sched_queue_peek(&s->g[i].q, now_us, aging_us) : NULL;
+        enum prio cls;
+        struct sched_item *h = s->g[i].used ? sched_queue_peek(&s->g[i].q, now_us, aging_us,
+                                                               blocked, arg, &cls)
+                                            : NULL;
         if (!h) {
             continue;
         }
         /* insertion sort: few queues */
-        enum prio cls = sched_effective(h, now_us, aging_us);
         size_t j = n++;
         while (j > 0) {
-            enum prio oc = sched_effective(out[j - 1], now_us, aging_us);
+            enum prio oc = cls_of[j - 1];
             if (oc < cls || (oc == cls && out[j - 1]->t_enq_us <= h->t_enq_us)) {
                 break;
             }
             out[j] = out[j - 1];
+            cls_of[j] = cls_of[j - 1];
             j--;
         }
         out[j] = h;
+        cls_of[j] = cls;
+    }
+    if (cls_out) {
+        for (size_t i = 0; i < n; i++) {
+            cls_out[i] = cls_of[i];
+        }
     }
     return n;
 }
@@ -192,8 +325,8 @@ sched_set_victim(const struct sched_set *s, enum prio p)
     for (int c = PRIO_COUNT - 1; c > (int)p; c--) {
         struct sched_item *best = NULL;
         for (unsigned i = 0; i < SCHED_GROUPS; i++) {
-            struct sched_item *t = s->g[i].used ? s->g[i].q.tail[c] : NULL;
-            if (t && (!best || t->t_enq_us > best->t_enq_us)) {
+            struct sched_item *t = s->g[i].used ? class_last(&s->g[i].q, c) : NULL;
+            if (t && (!best || item_before(best, t))) {
                 best = t;
             }
         }

@@ -1,10 +1,24 @@
 /*
  * sched: who goes upstream next.
  *
- * A queue of waiting requests by class (high, medium, low), FIFO within a
- * class, with aging: a request moves up one class for every `aging` period
- * it has waited, so low never starves.  The queue knows nothing of
- * requests; it links struct sched_item that the caller embeds.
+ * A queue of waiting requests by class (high, medium, low), with aging: a
+ * class moves up one step for every `aging` period its oldest request has
+ * waited, so low never starves.  The queue knows nothing of requests; it
+ * links struct sched_item that the caller embeds.
+ *
+ * Inside a class, requests are served by start-time fair queuing (SFQ,
+ * Goyal et al.) across flows (the caller's clients, FLOW): a request gets
+ * the tag max(V, F) where V is the class's virtual time (the tag of the
+ * last request served) and F its flow's previous tag + 1/weight
+ * (sched_set_tag); the lowest tag goes first, FIFO within a flow.  So
+ * backlogged flows share in proportion to their weights, a flow that
+ * floods only pushes its own tags ahead, and a flow that was idle starts
+ * at V, with no credit saved up.  SFQ rather than deficit round robin:
+ * the cost of a request is not known when it is chosen, its tag is fixed
+ * at arrival (a request that comes back from a backoff keeps its place),
+ * and an idle flow costs nothing (flows exist only while they hold items).
+ * A flow the caller says is blocked (its client is at a cap or out of
+ * quota) is passed over, so it holds no one else up.
  *
  * And a concurrency limiter per upstream: at most `limit` transfers in
  * flight.  With adaptive limits: each success raises the limit by 1/limit
@@ -44,26 +58,43 @@
 #define SCHED_QUEUED_RATIO     2.0
 #define SCHED_QUEUED_MARGIN_MS 500
 
+/*
+ * A flow's items of one class of one queue are a list; the first of each
+ * such list (the flow's head) also links the class's flows, by their
+ * heads' tags, and knows its flow's last item: no allocation, and a flow
+ * exists only while it holds items.
+ */
 struct sched_item {
-    struct sched_item *prev, *next;
+    struct sched_item *prev, *next; /* in its flow, by (tag, t_enq_us) */
+    struct sched_item *fprev, *fnext; /* a flow's head: the class's flows */
+    struct sched_item *ftail;         /* a flow's head: its flow's last item */
     enum prio prio;   /* class at enqueue */
-    int64_t t_enq_us; /* its place: FIFO order within the class, and aging */
+    int64_t t_enq_us; /* its place: FIFO order within the flow, and aging */
     int64_t t_in_us;  /* when it entered this time (its wait) */
     bool queued;
+    bool tagged;        /* tag is set (sched_set_tag): it keeps it when it comes back */
+    double tag;         /* SFQ start tag */
+    const void *flow_key; /* the caller's flow (client); NULL: one flow for all */
     unsigned group; /* in a sched_set: which queue */
 };
 
 struct sched_queue {
-    struct sched_item *head[PRIO_COUNT];
-    struct sched_item *tail[PRIO_COUNT];
+    struct sched_item *flows[PRIO_COUNT]; /* the flows' heads, first to serve first */
     size_t depth[PRIO_COUNT];
     size_t total;
 };
 
+/* Is the flow of IT (its head) blocked now?  NULL: none is. */
+typedef bool (*sched_blocked_fn)(const struct sched_item *it, void *arg);
+
 void sched_queue_push(struct sched_queue *q, struct sched_item *it, enum prio p, int64_t now_us);
 void sched_queue_remove(struct sched_queue *q, struct sched_item *it);
-/* The item to serve next (not removed), with aging; NULL when empty. */
-struct sched_item *sched_queue_peek(const struct sched_queue *q, int64_t now_us, int64_t aging_us);
+/*
+ * The item to serve next (not removed), with aging; NULL when empty or
+ * every flow is blocked.  *CLS (may be NULL): the class it counts as.
+ */
+struct sched_item *sched_queue_peek(const struct sched_queue *q, int64_t now_us, int64_t aging_us,
+                                    sched_blocked_fn blocked, void *arg, enum prio *cls);
 /* The class an item counts as now, after aging. */
 enum prio sched_effective(const struct sched_item *it, int64_t now_us, int64_t aging_us);
 /* The newest item of a class strictly lower than P (for displacement); NULL if none. */
@@ -85,7 +116,17 @@ struct sched_set {
     } g[SCHED_GROUPS];
     size_t total;
     size_t depth[PRIO_COUNT];
+    double vtime[PRIO_COUNT]; /* SFQ virtual time of each class */
 };
+
+/*
+ * Tag IT of class P for its flow: FINISH is the flow's last finish tag in
+ * that class (the caller keeps it), WEIGHT its weight.  Once per request.
+ */
+void sched_set_tag(struct sched_set *s, struct sched_item *it, enum prio p, double *finish,
+                   int weight);
+/* IT (tagged) goes upstream now: the class's virtual time moves to its tag. */
+void sched_set_served(struct sched_set *s, const struct sched_item *it);
 
 void sched_set_push(struct sched_set *s, struct sched_item *it, uint64_t sig, enum prio p,
                     int64_t now_us);
@@ -96,9 +137,10 @@ void sched_set_push(struct sched_set *s, struct sched_item *it, uint64_t sig, en
 void sched_set_push_at(struct sched_set *s, struct sched_item *it, uint64_t sig, enum prio p,
                        int64_t t_enq_us, int64_t now_us);
 void sched_set_remove(struct sched_set *s, struct sched_item *it);
-/* The head of every non-empty queue, best first (class after aging, then age). */
+/* The next item of every non-empty queue, best first (class after aging, then age). */
 size_t sched_set_heads(const struct sched_set *s, int64_t now_us, int64_t aging_us,
-                       struct sched_item **out);
+                       sched_blocked_fn blocked, void *arg, struct sched_item **out,
+                       enum prio *cls);
 /* The newest item of the lowest class below P across all queues; NULL if none. */
 struct sched_item *sched_set_victim(const struct sched_set *s, enum prio p);
 

@@ -101,48 +101,89 @@ reply_metrics(struct gateway *gw, struct http_req *req)
     evbuffer_free(b);
 }
 
-/* Constant-time comparison, so that a token cannot be guessed by timing. */
-static bool
-token_equal(const char *a, size_t alen, const char *b, size_t blen)
-{
-    unsigned char diff = alen != blen;
-
-    for (size_t i = 0; i < alen && i < blen; i++) {
-        diff |= (unsigned char)(a[i] ^ b[i]);
-    }
-    return diff == 0;
-}
-
 /*
- * With clients configured, the request must carry one of their tokens
- * where its dialect puts a key (OpenAI: Authorization: Bearer TOKEN;
- * Anthropic: x-api-key: TOKEN too, as Claude Code sends ANTHROPIC_API_KEY).
- * Returns the client, or NULL.
+ * The request's client (clients.h).  With tokens configured, the request
+ * must carry one where its dialect puts a key (OpenAI: Authorization:
+ * Bearer TOKEN; Anthropic: x-api-key: TOKEN too, as Claude Code sends
+ * ANTHROPIC_API_KEY); NULL when it does not.  Without, X-Dsgate-Client
+ * names it, else it is the default client.
  */
-static const struct gw_client *
+static struct gw_client *
 client_find(const struct gateway *gw, const struct http_req *req)
 {
-    const struct gw_client *found = NULL;
+    const struct clients *cs = &gw->clients;
 
-    for (const struct dialect_token *t = dialect_of_path(req->path)->tokens; t->header && !found;
-         t++) {
+    if (!cs->require_token) {
+        const char *hint = http_req_header(req, "X-Dsgate-Client");
+        struct gw_client *cl = hint ? clients_by_name(cs, hint) : NULL;
+        return cl ? cl : cs->deflt;
+    }
+    for (const struct dialect_token *t = dialect_of_path(req->path)->tokens; t->header; t++) {
         const char *v = http_req_header(req, t->header);
         size_t sl = strlen(t->scheme);
         if (!v || strncasecmp(v, t->scheme, sl) != 0) {
             continue;
         }
-        const char *tok = v + sl;
-        size_t tl = strlen(tok);
-        for (size_t i = 0; i < gw->nclients; i++) {
-            if (token_equal(tok, tl, gw->clients[i].token, gw->clients[i].token_len)) {
-                found = &gw->clients[i];
-            }
+        struct gw_client *cl = clients_by_token(cs, v + sl, strlen(v + sl));
+        if (cl) {
+            return cl;
         }
     }
-    return found;
+    return NULL;
 }
 
-/* /healthz, /readyz, /metrics; false when REQ is not for them. */
+/* GET /clients: each client's limits and where it stands now. */
+static void
+reply_clients(struct gateway *gw, struct http_req *req)
+{
+    static const struct http_header ct[] = {{"Content-Type", "application/json"}};
+    struct evbuffer *b = evbuffer_new();
+    int64_t now = http_now_us();
+
+    if (!b) {
+        http_reply_error(req, 500, "internal_error", "out_of_memory", "out of memory");
+        return;
+    }
+    evbuffer_add_printf(b, "{\"clients\":[");
+    for (size_t i = 0; i < gw->clients.n; i++) {
+        struct gw_client *cl = gw->clients.v[i];
+        evbuffer_add_printf(b,
+                            "%s{\"name\":\"%s\",\"priority\":\"%s\",\"weight\":%d,"
+                            "\"max_inflight\":%d,\"rpm\":%lld,\"tpm\":%lld,"
+                            "\"tokens_per_day\":%lld,\"over_limit\":\"%s\",\"inflight\":%d,"
+                            "\"queued\":%zu,",
+                            i ? "," : "", cl->name, conf_priority_name(cl->priority), cl->weight,
+                            cl->max_inflight, (long long)cl->rpm, (long long)cl->tpm,
+                            (long long)cl->tokens_per_day, cl->reject ? "reject" : "queue",
+                            cl->inflight, cl->queued);
+        if (cl->rpm > 0) {
+            bucket_refill(&cl->req, now);
+            evbuffer_add_printf(b, "\"requests_available\":%.2f,", cl->req.level);
+        } else {
+            evbuffer_add_printf(b, "\"requests_available\":null,");
+        }
+        if (cl->tpm > 0) {
+            bucket_refill(&cl->tok, now);
+            evbuffer_add_printf(b, "\"tokens_available\":%.0f,", cl->tok.level);
+        } else {
+            evbuffer_add_printf(b, "\"tokens_available\":null,");
+        }
+        evbuffer_add_printf(b, "\"tokens_reserved\":%lld,\"tokens_today\":%lld,",
+                            (long long)cl->reserved, (long long)cl->tokens_today);
+        if (cl->tokens_per_day > 0) {
+            int64_t left = cl->tokens_per_day - cl->tokens_today - cl->reserved;
+            evbuffer_add_printf(b, "\"budget_remaining\":%lld}", (long long)(left > 0 ? left : 0));
+        } else {
+            evbuffer_add_printf(b, "\"budget_remaining\":null}");
+        }
+    }
+    evbuffer_add_printf(b, "]}\n");
+    size_t len = evbuffer_get_length(b);
+    http_reply(req, 200, ct, 1, evbuffer_pullup(b, -1), len);
+    evbuffer_free(b);
+}
+
+/* /healthz, /readyz, /metrics, /clients; false when REQ is not for them. */
 static bool
 own_endpoint(struct gateway *gw, struct http_req *req)
 {
@@ -160,6 +201,10 @@ own_endpoint(struct gateway *gw, struct http_req *req)
     }
     if (strcmp(req->path, "/metrics") == 0) {
         reply_metrics(gw, req);
+        return true;
+    }
+    if (strcmp(req->path, "/clients") == 0) {
+        reply_clients(gw, req);
         return true;
     }
     return false;
@@ -217,7 +262,7 @@ server_handle_admin(struct http_req *req, void *arg)
 {
     if (!own_endpoint(arg, req)) {
         http_reply_error(req, 404, "invalid_request_error", "not_found",
-                         "the admin address serves /metrics, /healthz and /readyz only");
+                         "the admin address serves /metrics, /healthz, /readyz and /clients only");
     }
 }
 
@@ -240,14 +285,17 @@ server_handle(struct http_req *req, void *arg)
      * client's class is also its ceiling: a header cannot raise it.
      */
     enum prio ceiling = PRIO_HIGH;
-    if (gw->require_client) {
-        const struct gw_client *cl = client_find(gw, req);
-        if (!cl) {
-            reject(req, prio, 401, "authentication_error", "invalid_client_token",
-                   "missing or unknown client token");
-            return;
+    struct gw_client *cl = client_find(gw, req);
+    if (gw->clients.require_token && !cl) {
+        reject(req, prio, 401, "authentication_error", "invalid_client_token",
+               "missing or unknown client token");
+        return;
+    }
+    if (cl) {
+        prio = cl->priority;
+        if (gw->clients.require_token) {
+            ceiling = prio; /* a hint proves nothing: only a token's class is a ceiling */
         }
-        prio = ceiling = cl->priority;
     }
     const char *pv = http_req_header(req, "X-Priority");
     if (pv) {
@@ -323,7 +371,11 @@ server_handle(struct http_req *req, void *arg)
     }
     char model[256];
     struct request_body_info bi = {
-        .doc = doc, .known_key = known ? key : NULL, .raw_key = raw_ok && !known ? raw : NULL};
+        .doc = doc,
+        .known_key = known ? key : NULL,
+        .raw_key = raw_ok && !known ? raw : NULL,
+        .client = cl,
+    };
     if (scanned && mm.count > 1) {
         reject(req, prio, 400, "invalid_request_error", "invalid_model",
                "\"model\" appears more than once");

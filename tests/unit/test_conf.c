@@ -532,7 +532,22 @@ static const struct {
     {"fleet: {redis: \"localhost:6379\"}\n",
      "t.yaml:1:9: fleet.redis: must be empty or a redis://, rediss:// or unix:// URL "
      "(got \"localhost:6379\")"},
-    {"clients:\n  - {priority: high}\n", "t.yaml:2:5: clients[0].token_env: is required"},
+    {"clients:\n  - {token_env: A}\n  - {name: b}\n",
+     "t.yaml:3:5: clients[1].token_env: clients with and without token_env cannot be mixed: "
+     "with tokens, a request without one is refused (401); without, X-Dsgate-Client names "
+     "the client"},
+    {"clients:\n  - {name: App}\n",
+     "t.yaml:2:6: clients[0].name: must be 1 to 64 lower-case letters, digits, '.', '_' or '-' "
+     "(got \"App\")"},
+    {"clients:\n  - {name: a}\n  - {name: a}\n",
+     "t.yaml:3:6: clients[1].name: duplicate client name (got \"a\")"},
+    {"clients:\n  - {token_env: A, name: default}\n",
+     "t.yaml:2:20: clients[0].name: \"default\" is the client of requests without a token; it "
+     "has no token_env"},
+    {"clients:\n  - {name: a, weight: 0}\n",
+     "t.yaml:2:15: clients[0].weight: must be between 1 and 1000 (got \"0\")"},
+    {"clients:\n  - {name: a, over_limit: maybe}\n",
+     "t.yaml:2:15: clients[0].over_limit: must be one of queue, reject (got \"maybe\")"},
     {"clients:\n  - {token_env: A, priority: urgent}\n",
      "t.yaml:2:20: clients[0].priority: must be one of high, medium, low (got \"urgent\")"},
     {"clients:\n  - {token_env: A}\n  - {token_env: A}\n",

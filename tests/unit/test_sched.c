@@ -49,7 +49,7 @@ static void drain(struct sched_queue *q, int64_t now, int64_t aging, char *out, 
     struct sched_item *it;
 
     out[0] = '\0';
-    while ((it = sched_queue_peek(q, now, aging))) {
+    while ((it = sched_queue_peek(q, now, aging, NULL, NULL, NULL))) {
         size_t n = strlen(out);
         snprintf(out + n, len - n, "%s%s", n ? " " : "", thing_of(it)->name);
         sched_queue_remove(q, it);
@@ -63,16 +63,20 @@ static void check_counts(const struct sched_queue *q)
 
     for (int p = 0; p < PRIO_COUNT; p++) {
         size_t n = 0;
-        for (struct sched_item *it = q->head[p]; it; it = it->next) {
-            assert_int_equal(it->prio, p);
-            assert_true(it->queued);
-            if (!it->next) {
-                assert_ptr_equal(q->tail[p], it);
+        for (struct sched_item *h = q->flows[p]; h; h = h->fnext) {
+            assert_null(h->prev);
+            if (h->fnext) {
+                assert_ptr_equal(h->fnext->fprev, h);
             }
-            n++;
-        }
-        if (!q->head[p]) {
-            assert_null(q->tail[p]);
+            for (struct sched_item *it = h; it; it = it->next) {
+                assert_int_equal(it->prio, p);
+                assert_true(it->queued);
+                assert_ptr_equal(it->flow_key, h->flow_key);
+                if (!it->next) {
+                    assert_ptr_equal(h->ftail, it);
+                }
+                n++;
+            }
         }
         assert_int_equal(n, q->depth[p]);
         sum += n;
@@ -222,7 +226,7 @@ static void test_aging_no_starvation(void **state)
         now += 50 * MS;
         hs[i].name = "high";
         sched_queue_push(&q, &hs[i].item, H, now);
-        struct sched_item *it = sched_queue_peek(&q, now, aging);
+        struct sched_item *it = sched_queue_peek(&q, now, aging, NULL, NULL, NULL);
         assert_non_null(it);
         if (it == &low.item) {
             served_at = i;
@@ -238,7 +242,7 @@ static void test_aging_no_starvation(void **state)
     for (int i = 0; i < 64; i++) {
         now += 50 * MS;
         sched_queue_push(&q, &hs[i].item, H, now);
-        struct sched_item *it = sched_queue_peek(&q, now, 0);
+        struct sched_item *it = sched_queue_peek(&q, now, 0, NULL, NULL, NULL);
         assert_ptr_not_equal(it, &low.item);
         sched_queue_remove(&q, it);
     }
@@ -253,11 +257,11 @@ static void test_peek_is_stable(void **state)
 
     (void)state;
     memset(&q, 0, sizeof(q));
-    assert_null(sched_queue_peek(&q, T0, 0));
+    assert_null(sched_queue_peek(&q, T0, 0, NULL, NULL, NULL));
     sched_queue_push(&q, &a.item, M, T0);
     sched_queue_push(&q, &b.item, H, T0 + MS);
     for (int i = 0; i < 3; i++) {
-        assert_ptr_equal(sched_queue_peek(&q, T0 + 2 * MS, 0), &b.item);
+        assert_ptr_equal(sched_queue_peek(&q, T0 + 2 * MS, 0, NULL, NULL, NULL), &b.item);
     }
     assert_int_equal(q.total, 2);
     assert_int_equal(q.depth[H], 1);
@@ -474,7 +478,7 @@ static void test_random_against_model(void **state)
                     best = &refs[i];
                 }
             }
-            struct sched_item *it = sched_queue_peek(&q, now, aging);
+            struct sched_item *it = sched_queue_peek(&q, now, aging, NULL, NULL, NULL);
             if (!best) {
                 assert_null(it);
                 continue;
@@ -533,7 +537,7 @@ static const char *heads_str(const struct sched_set *s, int64_t now, int64_t agi
                              size_t len)
 {
     struct sched_item *heads[SCHED_GROUPS];
-    size_t n = sched_set_heads(s, now, aging, heads);
+    size_t n = sched_set_heads(s, now, aging, NULL, NULL, heads, NULL);
 
     out[0] = '\0';
     for (size_t i = 0; i < n; i++) {
@@ -643,7 +647,7 @@ static void test_set_overflow_and_reuse(void **state)
     check_set(&s);
     assert_int_equal(s.total, N);
     assert_int_equal(s.g[SCHED_GROUPS - 1].q.total, N - (SCHED_GROUPS - 1));
-    assert_int_equal(sched_set_heads(&s, T0 + N * MS, 0, heads), SCHED_GROUPS);
+    assert_int_equal(sched_set_heads(&s, T0 + N * MS, 0, NULL, NULL, heads, NULL), SCHED_GROUPS);
     assert_ptr_equal(heads[0], &th[0].item);   /* the oldest first */
     /* free group 3, then a new destination takes it */
     sched_set_remove(&s, &th[3].item);
@@ -703,7 +707,7 @@ static void test_set_random_against_model(void **state)
             }
         } else if (op < 9) {
             struct sched_item *heads[SCHED_GROUPS];
-            size_t n = sched_set_heads(&s, now, aging, heads);
+            size_t n = sched_set_heads(&s, now, aging, NULL, NULL, heads, NULL);
             struct ref *best = NULL;
             for (int i = 0; i < N; i++) {
                 if (refs[i].in && (!best || ref_better(&refs[i], best, now, aging))) {
