@@ -650,7 +650,7 @@ dispatch_release_at(struct request *r, struct attempt *a)
         struct gw_client *cl = r->client;
         if (cl && cl->inflight-- == cl->max_inflight && cl->queued > 0 && r->gw->later) {
             /* its queued requests may go now; from the loop, as this may run in a transfer's callback */
-            r->gw->pump_wanted = true;
+            r->gw->client_pump = true;
             event_active(r->gw->later, EV_TIMEOUT, 0);
         }
     }

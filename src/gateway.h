@@ -86,6 +86,7 @@ struct gateway {
     bool has_aliases;          /* some upstream has a models map */
     struct clients clients;  /* who sends requests, their limits and state (clients.h) */
     struct event *client_wake; /* the soonest a client's bucket lets a queued request go */
+    bool client_pump;          /* a capped client's transfer ended: pump from the loop (later) */
     int64_t client_wake_us;    /* found while pumping: that soonest, from now; 0: none */
     struct sched_set queue;  /* requests waiting for an upstream slot */
     struct cache_mem *mem;   /* memory tier of the cache */

@@ -1252,8 +1252,8 @@ later_cb(evutil_socket_t fd, short what, void *arg)
         r->later = NULL;
         route(r);
     }
-    if (gw->pump_wanted) {
-        gw->pump_wanted = false;
+    if (gw->client_pump) {
+        gw->client_pump = false;
         dispatch_pump(gw);
     }
     reap(gw);
